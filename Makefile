@@ -1,0 +1,43 @@
+# Thin wrappers: every target calls one `tinystories-lab` verb (see `make help`).
+# Variables map onto CLI flags: MODEL=, ARGS=, LOGGER=, TEXT=, VOCAB=, STEPS=.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The torch requirement `make install` uses. The default takes PyPI's build (CUDA on Linux);
+# CPU-only machines and CI can use `TORCH=torch==2.13.0`, or add a wheel index with TORCH_INDEX.
+TORCH ?= torch>=2.7
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+LAB := $(BIN)/tinystories-lab
+VOCAB ?= 32000
+SAMPLE_VOCAB ?= 8192
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint configs data data-sample bench-data
+
+help: ## List every target with one line each
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: ## Create .venv and install the project (TORCH=torch==2.13.0 for the CPU wheel)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+test: ## Run the test suite (includes real `litgpt pretrain` runs on the sample; minutes)
+	$(BIN)/pytest
+
+lint: ## Check style with ruff
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+configs: ## Print every config's shape and true parameter count
+	$(LAB) configs
+
+data: ## Download TinyStories, train the 32k tokenizer, write token files (VOCAB=32000)
+	$(LAB) data --source tinystories --vocab_size $(VOCAB)
+
+data-sample: ## Same for the bundled sample, offline (SAMPLE_VOCAB=8192)
+	$(LAB) data --source sample --vocab_size $(SAMPLE_VOCAB)
+
+bench-data: ## Measure token-file encoding throughput, 1 thread vs all cores, on the sample
+	$(LAB) bench-data

@@ -1,0 +1,1 @@
+"""Benchmarks that print numbers: token-file encoding here, training speed in `training`."""

@@ -1,0 +1,32 @@
+"""One command, `tinystories-lab <verb>`, behind every Makefile target (built like `litgpt`'s own CLI)."""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import CLI, set_docstring_parse_options
+
+from tinystories_lab.bench.encoding import bench_data
+from tinystories_lab.configs import configs
+from tinystories_lab.data.prepare import prepare
+from tinystories_lab.errors import UserError
+
+COMMANDS = {
+    "configs": configs,
+    "data": prepare,
+    "bench-data": bench_data,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a verb; a `UserError` becomes one line on stderr and exit status 1."""
+    set_docstring_parse_options(attribute_docstrings=True)
+    try:
+        CLI(COMMANDS, args=argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

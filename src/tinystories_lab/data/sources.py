@@ -1,0 +1,87 @@
+"""Where stories come from: the Hugging Face dataset, the bundled sample, or local text files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from tinystories_lab.errors import UserError
+
+HF_DATASET = "roneneldan/TinyStories"
+SAMPLE_DIR = Path("data/sample")
+SPLITS = ("train", "validation")
+EOT = "<|endoftext|>"
+
+Separator = Literal["eot", "blank"]
+
+
+def split_stories(text: str, separator: Separator = "eot") -> list[str]:
+    """Split text into stories, stripped, empty ones dropped.
+
+    `eot`: stories end with a line `<|endoftext|>` (the upstream TinyStories .txt format).
+    `blank`: stories are separated by one or more blank lines.
+    """
+    if separator == "eot":
+        parts = text.split(EOT)
+    elif separator == "blank":
+        parts = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
+    else:
+        raise UserError(f"Unknown story separator {separator!r}: choose 'eot' or 'blank'.")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def read_text_file(path: Path, separator: Separator = "eot") -> list[str]:
+    """Stories of one local text file; refuses a missing or story-less file."""
+    if not path.is_file():
+        raise UserError(f"Text file {path} does not exist.")
+    stories = split_stories(path.read_text(encoding="utf-8"), separator)
+    if not stories:
+        raise UserError(f"Text file {path} holds no stories (separator {separator!r}).")
+    return stories
+
+
+def source_name(source: str) -> str:
+    """A short name for a source, used in folder names: 'tinystories', 'sample', or the folder's name."""
+    return source if source in ("tinystories", "sample") else Path(source).resolve().name
+
+
+def load_split(
+    source: str, split: str, data_dir: Path = Path("data"), separator: Separator = "eot"
+) -> list[str]:
+    """The stories of one split ('train' or 'validation') of a source.
+
+    Args:
+        source: 'tinystories' (download from the Hugging Face Hub, cached under `data_dir/hf`),
+            'sample' (the bundled sample in data/sample) or a folder holding train.txt and validation.txt.
+        split: 'train' or 'validation'.
+        data_dir: The project's data folder.
+        separator: How stories are separated in local text files: 'eot' or 'blank'.
+    """
+    if split not in SPLITS:
+        raise UserError(f"Unknown split {split!r}: choose one of {', '.join(SPLITS)}.")
+    if source == "tinystories":
+        return download_split(split, data_dir / "hf")
+    folder = SAMPLE_DIR if source == "sample" else Path(source)
+    if not folder.is_dir():
+        raise UserError(
+            f"Unknown data source {source!r}: use 'tinystories', 'sample', or a folder holding train.txt and "
+            "validation.txt."
+        )
+    return read_text_file(folder / f"{split}.txt", "eot" if source == "sample" else separator)
+
+
+def download_split(split: str, cache_dir: Path) -> list[str]:
+    """One split of TinyStories from the Hugging Face Hub (cached; `datasets` shows progress)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(HF_DATASET, split=split, cache_dir=str(cache_dir))
+    except Exception as e:  # datasets raises many types for a missing network; all mean the same here
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else ""
+        raise UserError(
+            f"Could not download {HF_DATASET} ({split}) from the Hugging Face Hub; is the network up? "
+            f"({type(e).__name__}: {reason}). Without a network, train on the bundled sample "
+            "(`make data-sample`) or on local text files (`tinystories-lab data --source path/to/folder`)."
+        ) from None
+    return [s.strip() for s in ds["text"] if s and s.strip()]

@@ -1,0 +1,154 @@
+"""Token files: every story as [BOS] story [EOS], concatenated per split into a flat memory-mapped array."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+from litgpt import Tokenizer
+from tqdm import tqdm
+
+from tinystories_lab.data.tokenizer import cpu_count, fingerprint
+from tinystories_lab.errors import UserError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokens_dir_for(data_dir: Path, source_name: str, tokenizer: Tokenizer) -> Path:
+    """Where a source's token files made by a tokenizer live: one folder per (source, tokenizer hash)."""
+    return data_dir / "tokens" / f"{source_name}-{fingerprint(tokenizer)[:10]}"
+
+
+def stories_fingerprint(stories: list[str]) -> str:
+    """A hash of the stories and their boundaries."""
+    h = hashlib.sha256()
+    for story in stories:
+        h.update(story.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def encode_batch(tokenizer: Tokenizer, stories: list[str], threads: int) -> list[list[int]]:
+    """Token ids of each story, without BOS/EOS, using the backend's own multi-threaded batch encoder."""
+    if tokenizer.backend == "sentencepiece":
+        return tokenizer.processor.encode(stories, num_threads=threads)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # read by `tokenizers` when its pool starts
+    return [e.ids for e in tokenizer.processor.encode_batch(stories, add_special_tokens=False)]
+
+
+def write_split(
+    tokenizer: Tokenizer,
+    stories: list[str],
+    path: Path,
+    threads: int | None = None,
+    chunk: int = 2048,
+    desc: str = "encoding",
+) -> dict:
+    """Encode stories into `path` ([BOS] story [EOS] ...), atomically. Returns the split's counts."""
+    threads = threads or cpu_count()
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tokens = n_bytes = 0
+    with open(tmp, "wb") as f, tqdm(total=len(stories), desc=desc, unit="story", unit_scale=True) as bar:
+        for start in range(0, len(stories), chunk):
+            batch = stories[start : start + chunk]
+            ids = encode_batch(tokenizer, batch, threads)
+            bos, eos = tokenizer.bos_id, tokenizer.eos_id
+            flat = np.fromiter(
+                chain.from_iterable([bos, *story, eos] for story in ids),
+                dtype=dtype,
+                count=sum(len(s) + 2 for s in ids),
+            )
+            f.write(flat.tobytes())
+            tokens += flat.size
+            n_bytes += sum(len(s.encode()) for s in batch)
+            bar.update(len(batch))
+    os.replace(tmp, path)
+    return {"stories": len(stories), "tokens": tokens, "bytes": n_bytes}
+
+
+def read_meta(tokens_dir: Path) -> dict | None:
+    """The token folder's metadata, or None if it was never completed."""
+    path = tokens_dir / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_tokens(
+    tokenizer: Tokenizer, splits: dict[str, list[str]], tokens_dir: Path, threads: int | None = None
+) -> dict:
+    """Encode every split into `tokens_dir`, skipping splits whose stories and tokenizer are unchanged.
+
+    Writes `<split>.bin` files and `meta.json` (tokenizer hash, vocabulary size, dtype, and per split the
+    story, token and byte counts and the hash of the stories). Returns the metadata.
+    """
+    tokens_dir.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": fingerprint(tokenizer),
+        "tokenizer_name": tokenizer.model_name,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+    }
+    old = read_meta(tokens_dir) or {}
+    same_header = {k: old.get(k) for k in header} == header
+    done = dict(old.get("splits", {})) if same_header else {}
+    for split, stories in splits.items():
+        digest = stories_fingerprint(stories)
+        path = tokens_dir / f"{split}.bin"
+        if done.get(split, {}).get("stories_sha256") == digest and path.is_file():
+            print(f"{split}: {path} is up to date ({done[split]['tokens']:,} tokens)")
+            continue
+        counts = write_split(tokenizer, stories, path, threads, desc=f"encoding {split}")
+        done[split] = {**counts, "stories_sha256": digest}
+        _write_json_atomic(tokens_dir / META_FILE, {**header, "splits": done})
+        print(
+            f"{split}: {counts['stories']:,} stories, {counts['tokens']:,} tokens, "
+            f"{counts['bytes'] / counts['tokens']:.2f} bytes/token -> {path}"
+        )
+    meta = {**header, "splits": done}
+    if meta != old:
+        _write_json_atomic(tokens_dir / META_FILE, meta)
+    return meta
+
+
+def open_split(tokens_dir: Path, split: str, expected_tokenizer: str | None = None) -> np.memmap:
+    """Memory-map one split, refusing files that are missing or were made by another tokenizer."""
+    meta = read_meta(tokens_dir)
+    path = tokens_dir / f"{split}.bin"
+    if meta is None or split not in meta["splits"] or not path.is_file():
+        raise UserError(
+            f"No {split} token files in {tokens_dir}. Make them with `make data` (TinyStories), "
+            "`make data-sample` (the bundled sample) or `tinystories-lab data --source FOLDER`."
+        )
+    if expected_tokenizer is not None and meta["tokenizer_sha256"] != expected_tokenizer:
+        raise UserError(
+            f"The token files in {tokens_dir} were made by another tokenizer ({meta['tokenizer_name']}, "
+            f"sha256 {meta['tokenizer_sha256'][:10]}) than the one this run uses (sha256 "
+            f"{expected_tokenizer[:10]}). Re-make them with `tinystories-lab data --tokenizer_dir <your "
+            "tokenizer>`, or point tokenizer_dir at the tokenizer that made them."
+        )
+    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if tokens.size != meta["splits"][split]["tokens"]:
+        raise UserError(
+            f"{path} holds {tokens.size:,} tokens but {META_FILE} says "
+            f"{meta['splits'][split]['tokens']:,}; it is damaged. Re-make it with `make data`."
+        )
+    return tokens
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
