@@ -11,9 +11,15 @@ BIN := $(VENV)/bin
 LAB := $(BIN)/tinystories-lab
 VOCAB ?= 32000
 SAMPLE_VOCAB ?= 8192
+QUEUE ?= experiments.yaml
+ARGS ?=
+LOGGER ?=
+OPTIONAL ?=
+DELETE ?=
+RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint configs data data-sample bench-data
+.PHONY: help install test lint configs data data-sample bench-data list run-next run-specific run-all reset demo
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -41,3 +47,21 @@ data-sample: ## Same for the bundled sample, offline (SAMPLE_VOCAB=8192)
 
 bench-data: ## Measure token-file encoding throughput, 1 thread vs all cores, on the sample
 	$(LAB) bench-data
+
+list: ## Show every experiment: architecture, parameters, status, progress, last val loss
+	$(LAB) list
+
+run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS=, LOGGER=, OPTIONAL=1)
+	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
+
+run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (ARGS=, LOGGER=)
+	$(LAB) run-specific '$(MODEL)' $(RUN_FLAGS)
+
+run-all: ## Train every todo experiment in order, past failures (ARGS=, LOGGER=, OPTIONAL=1)
+	$(LAB) run-all $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
+
+reset: ## Put MODEL back to todo; checkpoints kept unless DELETE=1
+	$(LAB) reset '$(MODEL)' --queue $(QUEUE) $(if $(DELETE),--delete_checkpoints true)
+
+demo: data-sample ## The offline demo: sample data, then train the demo models on a CPU
+	$(LAB) run-all --queue experiments.demo.yaml --args='$(ARGS)'

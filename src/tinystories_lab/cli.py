@@ -10,11 +10,18 @@ from tinystories_lab.bench.encoding import bench_data
 from tinystories_lab.configs import configs
 from tinystories_lab.data.prepare import prepare
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.listing import list_experiments
+from tinystories_lab.experiments.runner import reset, run_all, run_next, run_specific
 
 COMMANDS = {
     "configs": configs,
     "data": prepare,
     "bench-data": bench_data,
+    "list": list_experiments,
+    "run-next": run_next,
+    "run-specific": run_specific,
+    "run-all": run_all,
+    "reset": reset,
 }
 
 

@@ -1,0 +1,63 @@
+"""`make list`: every experiment of the queues with its shape, status, progress and last validation loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinystories_lab.configs import architecture, count_parameters, format_table, model_config, parse_config
+from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.runs import last_val_loss, newest_checkpoint, out_dir_of
+
+DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]
+
+
+def experiment_row(entry: dict) -> list[str]:
+    """One row: name, architecture, shape, true parameters, status, tokens done / max_tokens, val loss."""
+    cfg = parse_config(entry["config"], *entry.get("args", []))
+    config = model_config(cfg)
+    params = count_parameters(config, cfg.train.tie_embeddings)
+    out_dir = out_dir_of(entry)
+    max_tokens, done = cfg.train.max_tokens, 0
+    ckpt = newest_checkpoint(out_dir)
+    if ckpt is not None and ckpt.is_loadable():
+        max_tokens = ckpt.hparams["train"]["max_tokens"]  # what the run was launched with
+        done = ckpt.tokens_seen()
+    val = last_val_loss(out_dir)
+    status = entry["status"] + (" (optional)" if entry.get("optional") else "")
+    return [
+        entry["name"],
+        architecture(config),
+        f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
+        f"{params / 1e6:.1f}M",
+        status,
+        f"{_tokens(done)} / {_tokens(max_tokens)} ({100 * done / max_tokens:.0f}%)",
+        f"{val:.3f}" if val is not None else "-",
+    ]
+
+
+def list_experiments(queues: list[Path] | None = None) -> None:
+    """Print each queue's experiments: architecture, true parameters, status, progress, last val loss.
+
+    Args:
+        queues: Queue files to show (default: experiments.yaml and experiments.demo.yaml).
+    """
+    queues = queues or DEFAULT_QUEUES
+    header = ["name", "arch", "size", "params", "status", "progress (tokens)", "val loss"]
+    shown = 0
+    for path in queues:
+        if not path.is_file() and queues is DEFAULT_QUEUES:
+            continue
+        entries = Queue(path).load()
+        print(f"{path}:")
+        print(format_table([experiment_row(e) for e in entries], header) + "\n")
+        shown += 1
+    if not shown:
+        raise UserError("No queue file found (experiments.yaml or experiments.demo.yaml).")
+
+
+def _tokens(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)

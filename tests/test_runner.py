@@ -1,0 +1,314 @@
+"""The queue and the runner, with the real runner and the real `litgpt pretrain` on the sample."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import DEMO_CONFIGS
+
+from tinystories_lab.cli import main
+from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.runs import RunLock, read_curves, step_checkpoints
+
+TOKENS_PER_STEP = 32 * 128  # the demo configs' global batch
+
+
+def entry(name, tmp_path, data_dir, steps=12, save_interval=4, config="gpt_demo", extra=()):
+    """A queue entry training a demo config on the sample for `steps` optimizer steps."""
+    return {
+        "name": name,
+        "config": str(DEMO_CONFIGS[config]),
+        "devices": 1,
+        "environment": "local",
+        "status": "todo",
+        "out_dir": str(tmp_path / "runs" / name),
+        "args": [
+            f"--data.init_args.data_dir={data_dir}",
+            f"--tokenizer_dir={data_dir / 'tokenizers' / 'sample'}",
+            "--data.init_args.val_windows=64",
+            f"--train.max_tokens={steps * TOKENS_PER_STEP}",
+            f"--train.save_interval={save_interval}",
+            "--eval.interval=1000",
+            "--eval.initial_validation=false",
+            *extra,
+        ],
+    }
+
+
+def write_queue(path, entries):
+    path.write_text(yaml.safe_dump({"experiments": entries}, sort_keys=False))
+    return path
+
+
+def runner(verb, queue, *args, wait=True):
+    """The real runner CLI in a subprocess (TORCH_COMPILE_DISABLE=1 keeps each LitGPT start short)."""
+    cmd = [sys.executable, "-m", "tinystories_lab.cli", verb, "--queue", str(queue), *args]
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def status(queue, name):
+    return next(e for e in Queue(queue).load() if e["name"] == name)
+
+
+def wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def losses_by_iter(out_dir):
+    train, _ = read_curves(out_dir)
+    return {p.iter: p.value for p in train}
+
+
+# Bad input: a clear message, a non-zero exit, and the queue byte-identical.
+
+BAD_QUEUES = {  # what is wrong with entry "b" (None: the file itself), and the message
+    "malformed YAML": (None, "not valid YAML"),
+    "unknown status": ({"status": "paused"}, "unknown status 'paused'"),
+    "duplicate names": ({"name": "a"}, "appears twice"),
+    "missing config": ({"config": "config_hub/pretrain/tiny_stories/nope.yaml"}, "does not exist"),
+    "unknown environment": ({"environment": "slurm"}, "environment 'slurm'"),
+    "bad devices": ({"devices": 0}, "devices must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_QUEUES)
+def test_bad_queue_is_refused_and_left_untouched(case, tmp_path, sample_data, capsys):
+    change, message = BAD_QUEUES[case]
+    queue = tmp_path / "q.yaml"
+    if change is None:
+        queue.write_text("experiments:\n  - name: [unclosed\n")
+    else:
+        write_queue(
+            queue, [entry("a", tmp_path, sample_data), {**entry("b", tmp_path, sample_data), **change}]
+        )
+    before = queue.read_bytes()
+    for argv in (
+        ["run-next", "--queue", str(queue)],
+        ["run-all", "--queue", str(queue)],
+        ["run-specific", "a", "--queue", str(queue)],
+        ["reset", "a", "--queue", str(queue)],
+        ["list", "--queues", f"[{queue}]"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 1
+        assert message in capsys.readouterr().err
+        assert queue.read_bytes() == before
+
+
+def test_unknown_model_lists_valid_names(tmp_path, sample_data, capsys):
+    queue = write_queue(
+        tmp_path / "q.yaml", [entry("a", tmp_path, sample_data), entry("b", tmp_path, sample_data)]
+    )
+    before = queue.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run-specific", "nope", "--queue", str(queue)])
+    assert exit_info.value.code == 1
+    assert "Unknown experiment 'nope'. Valid names: a, b." in capsys.readouterr().err
+    assert queue.read_bytes() == before
+
+
+@pytest.mark.parametrize("missing", ["token files", "tokenizer"])
+def test_unprepared_data_names_the_command(missing, tmp_path, sample_data, capsys):
+    e = entry("a", tmp_path, sample_data)
+    empty = tmp_path / "empty"
+    if missing == "token files":
+        e["args"][0] = f"--data.init_args.data_dir={empty}"
+        expected = "make data-sample"
+    else:
+        e["args"][1] = f"--tokenizer_dir={empty}"
+        expected = "No tokenizer in"
+    queue = write_queue(tmp_path / "q.yaml", [e])
+    before = queue.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run-next", "--queue", str(queue)])
+    assert exit_info.value.code == 1
+    assert expected in capsys.readouterr().err
+    assert queue.read_bytes() == before
+
+
+def test_queue_edits_keep_comments_user_fields_and_order(tmp_path, sample_data):
+    queue = tmp_path / "q.yaml"
+    a, b = entry("a", tmp_path, sample_data), entry("b", tmp_path, sample_data)
+    a["owner"] = "me"
+    queue.write_text("# my queue\n" + yaml.safe_dump({"experiments": [a, b]}, sort_keys=False))
+    with Queue(queue).edit() as entries:
+        entries[1]["status"] = "failed"
+    text = queue.read_text()
+    assert text.startswith("# my queue\n")
+    assert [e["name"] for e in Queue(queue).load()] == ["a", "b"]
+    assert status(queue, "a")["owner"] == "me" and status(queue, "b")["status"] == "failed"
+
+
+def test_reset_puts_back_to_todo_and_keeps_checkpoints_unless_asked(tmp_path, sample_data):
+    e = entry("a", tmp_path, sample_data)
+    e.update(status="failed", exit_code=1, error="boom", attempts=2)
+    queue = write_queue(tmp_path / "q.yaml", [e])
+    ckpt = tmp_path / "runs" / "a" / "step-00000004" / "lit_model.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    main(["reset", "a", "--queue", str(queue)])
+    assert {k: v for k, v in status(queue, "a").items() if k in ("status", "exit_code", "error")} == {
+        "status": "todo"
+    }
+    assert ckpt.is_file()
+    main(["reset", "a", "--queue", str(queue), "--delete_checkpoints", "true"])
+    assert not (tmp_path / "runs" / "a").exists()
+
+
+# The real thing.
+
+
+@pytest.mark.slow
+def test_run_next_trains_a_todo_entry_to_done(tmp_path, sample_data):
+    queue = write_queue(
+        tmp_path / "q.yaml", [entry("a", tmp_path, sample_data), entry("b", tmp_path, sample_data)]
+    )
+    result = runner("run-next", queue)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    a = status(queue, "a")
+    assert a["status"] == "done" and a["exit_code"] == 0 and a["last_step"] == 12 and a["attempts"] == 1
+    assert status(queue, "b")["status"] == "todo"
+    out = tmp_path / "runs" / "a"
+    assert [c.step for c in step_checkpoints(out)] == [12, 8, 4]
+    assert (out / "final" / "lit_model.pth").is_file()
+    log = (out / "logs").glob("*.log")
+    assert "--resume=auto" in next(log).read_text()
+    listing = subprocess.run(
+        [sys.executable, "-m", "tinystories_lab.cli", "list", "--queues", f"[{queue}]"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    row = next(line for line in listing.splitlines() if line.startswith("a "))
+    assert "done" in row and "49.15k / 49.15k (100%)" in row
+
+
+@pytest.mark.slow
+def test_sigkill_then_run_next_resumes_and_matches_an_uninterrupted_run(tmp_path, sample_data):
+    queue = write_queue(
+        tmp_path / "q.yaml",
+        [
+            entry("straight", tmp_path, sample_data, steps=16),
+            entry("killed", tmp_path, sample_data, steps=16),
+        ],
+    )
+    assert runner("run-specific", queue, "straight").returncode == 0
+
+    proc = runner("run-specific", queue, "killed", wait=False)
+    out = tmp_path / "runs" / "killed"
+    wait_for(lambda: max(losses_by_iter(out), default=0) >= 6)  # past the step-4 checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: not RunLock(out).is_held(), timeout=30)  # LitGPT died with its runner
+    assert status(queue, "killed")["status"] == "running"  # left behind, stale
+
+    result = runner("run-next", queue)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "which is gone: resuming it" in result.stdout
+    assert "Resuming training from" in result.stdout
+    killed = status(queue, "killed")
+    assert killed["status"] == "done" and killed["attempts"] == 2 and killed["last_step"] == 16
+
+    versions = sorted((out / "logs" / "csv").glob("version_*"))
+    assert len(versions) == 2
+    resumed_iters = logged_iters(versions[1])
+    assert resumed_iters[0] in (5, 9) and resumed_iters[-1] == 16  # the step count continues
+    expected = losses_by_iter(tmp_path / "runs" / "straight")
+    got = losses_by_iter(out)
+    assert sorted(got) == list(range(1, 17))
+    for it, loss in got.items():
+        assert loss == pytest.approx(expected[it], abs=1e-4), it
+
+
+def logged_iters(version_dir):
+    """Training iterations logged in one CSV log version."""
+    with open(version_dir / "metrics.csv", newline="") as f:
+        return [int(r["iter"]) for r in csv.DictReader(f) if r.get("loss")]
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_is_skipped(tmp_path, sample_data):
+    queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, steps=8)])
+    assert runner("run-next", queue).returncode == 0
+    out = tmp_path / "runs" / "a"
+    newest = out / "step-00000008" / "lit_model.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    main(["reset", "a", "--queue", str(queue)])
+    result = runner("run-next", queue, f"--args=--train.max_tokens={12 * TOKENS_PER_STEP}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "step-00000008 does not load (truncated or corrupt): resuming from step-00000004" in result.stdout
+    assert "Resuming training from" in result.stdout and "step-00000004" in result.stdout
+    assert status(queue, "a")["last_step"] == 12
+    assert (out / "step-00000008" / "lit_model.pth").stat().st_size > newest.stat().st_size // 2 + 1
+
+
+@pytest.mark.slow
+def test_two_runners_started_together_train_different_experiments(tmp_path, sample_data):
+    queue = write_queue(
+        tmp_path / "q.yaml",
+        [
+            entry("a", tmp_path, sample_data, steps=6),
+            entry("b", tmp_path, sample_data, steps=6, config="llama_demo"),
+        ],
+    )
+    procs = [runner("run-next", queue, wait=False) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert status(queue, "a")["status"] == status(queue, "b")["status"] == "done"
+    assert status(queue, "a")["attempts"] == status(queue, "b")["attempts"] == 1
+    assert status(queue, "a")["pid"] != status(queue, "b")["pid"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_and_puts_the_entry_back(tmp_path, sample_data):
+    queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, steps=40)])
+    proc = runner("run-next", queue, wait=False)
+    out = tmp_path / "runs" / "a"
+    wait_for(lambda: (out / "step-00000004" / "lit_model.pth").is_file())
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert not RunLock(out).is_held()  # LitGPT is gone too
+    a = status(queue, "a")
+    assert a["status"] == "todo" and "SIGTERM" in a["note"]
+
+
+@pytest.mark.slow
+def test_run_all_goes_past_a_failure_and_reports_every_outcome(tmp_path, sample_data):
+    broken = entry(
+        "broken", tmp_path, sample_data, steps=2, extra=["--eval.max_new_tokens=5"]
+    )  # LitGPT rejects
+    queue = write_queue(tmp_path / "q.yaml", [broken, entry("fine", tmp_path, sample_data, steps=2)])
+    result = runner("run-all", queue)
+    assert result.returncode == 1
+    assert "broken: failed (exit 1)" in result.stdout and "fine: done" in result.stdout
+    failed = status(queue, "broken")
+    assert failed["status"] == "failed" and failed["exit_code"] == 1
+    assert "max_new_tokens" in failed["error"]
+    assert status(queue, "fine")["status"] == "done"
+
+
+def test_logger_choice_and_offline_wandb(tmp_path, monkeypatch):
+    from tinystories_lab.experiments.runner import child_env, launch_command
+
+    e = {"name": "a", "config": "c.yaml", "devices": 2, "num_nodes": 1, "args": ["--seed=1"]}
+    cmd = launch_command(e, "auto", "tensorboard", ["--train.max_tokens=10"])
+    assert cmd[-3:] == ["--logger_name=tensorboard", "--seed=1", "--train.max_tokens=10"]
+    assert "--devices=2" in cmd and "--resume=auto" in cmd and "--out_dir=experiments/tiny_stories/a" in cmd
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    env = child_env("wandb", tmp_path / "out")
+    assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str(tmp_path / "out")
+    monkeypatch.setenv("WANDB_API_KEY", "key")
+    assert "WANDB_MODE" not in child_env("wandb", tmp_path / "out")
