@@ -46,3 +46,19 @@ def litgpt_pretrain(
         *args,
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_demos(sample_data, tmp_path_factory) -> dict[str, Path]:
+    """Both demo models trained briefly (24 steps) on the sample: name -> checkpoint folder (`final/`)."""
+    out = tmp_path_factory.mktemp("trained")
+    folders = {}
+    for name, config in DEMO_CONFIGS.items():
+        result = litgpt_pretrain(
+            config, sample_data, out / name,
+            f"--train.max_tokens={24 * 32 * 128}", "--train.save_interval=12", "--eval.interval=12",
+            "--data.init_args.val_windows=64", "--eval.initial_validation=false",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        folders[name] = out / name / "final"
+    return folders

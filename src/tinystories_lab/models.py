@@ -1,0 +1,84 @@
+"""Trained models: find an experiment's checkpoint and load it as LitGPT's `GPT`, ready for analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from litgpt import GPT, Config, Tokenizer
+
+from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.listing import DEFAULT_QUEUES
+from tinystories_lab.experiments.queue import Queue, find
+from tinystories_lab.experiments.runs import Checkpoint, final_checkpoint, out_dir_of
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint loaded for inference: the model (eval mode), its config, tokenizer and run settings."""
+
+    model: GPT
+    config: Config
+    tokenizer: Tokenizer
+    checkpoint_dir: Path
+    hparams: dict
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return bool(self.hparams["train"].get("tie_embeddings"))
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.model.max_seq_length
+
+
+def load_trained(
+    checkpoint_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> TrainedModel:
+    """Load a `litgpt pretrain` checkpoint folder (`final/` or `step-*/`).
+
+    LitGPT does not record `tie_embeddings` in `model_config.yaml`; it is read from the
+    `hyperparameters.yaml` saved beside it, and the embedding is tied again before loading.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    ckpt = Checkpoint(checkpoint_dir / "lit_model.pth")
+    if not ckpt.path.is_file():
+        raise UserError(f"No checkpoint in {checkpoint_dir} (lit_model.pth is missing).")
+    if not ckpt.is_loadable():
+        raise UserError(f"{ckpt.path} does not load (truncated or corrupt); resume training to rewrite it.")
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    hparams = yaml.safe_load((checkpoint_dir / "hyperparameters.yaml").read_text())
+    with torch.device(device):
+        model = GPT(config)
+    if hparams["train"].get("tie_embeddings"):
+        model.transformer.wte.weight = model.lm_head.weight
+    model.load_state_dict(ckpt.load()["model"])
+    model.max_seq_length = hparams["train"].get("max_seq_length") or config.block_size
+    model = model.to(dtype=dtype).eval()
+    return TrainedModel(model, config, Tokenizer(checkpoint_dir), checkpoint_dir, hparams)
+
+
+def select_experiments(model: str | None = None, queues: list[Path] | None = None) -> list[dict]:
+    """The entry called `model` in the queues (refusing unknown names), or every `done` entry."""
+    queues = [q for q in (queues or DEFAULT_QUEUES) if q.is_file() or queues]
+    entries = [e for q in queues for e in Queue(q).load()]
+    if model is not None:
+        return [find(entries, model)]
+    return [e for e in entries if e["status"] == "done"]
+
+
+def final_checkpoint_dir(entry: dict) -> Path:
+    """The experiment's `final/` folder, or an error saying how to produce it."""
+    ckpt = final_checkpoint(out_dir_of(entry))
+    if ckpt is None:
+        raise UserError(
+            f"{entry['name']} has no final checkpoint in {out_dir_of(entry)} (status {entry['status']}); "
+            f"train it first: `make run-specific MODEL={entry['name']}`."
+        )
+    return ckpt.folder

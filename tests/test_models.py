@@ -1,0 +1,32 @@
+"""Loading trained checkpoints for analysis."""
+
+import pytest
+import torch
+
+from tinystories_lab.errors import UserError
+from tinystories_lab.models import load_trained
+
+
+@pytest.mark.slow
+def test_load_trained_ties_embeddings_and_reproduces_the_logged_validation_loss(trained_demos, sample_data):
+    from tinystories_lab.data import TinyStories
+    from tinystories_lab.experiments.runs import read_curves
+
+    trained = load_trained(trained_demos["gpt_demo"])
+    assert trained.tie_embeddings and trained.model.lm_head.weight is trained.model.transformer.wte.weight
+    assert trained.max_seq_length == 128 and not trained.model.training
+    data = TinyStories(source="sample", data_dir=sample_data, val_windows=64)
+    data.connect(trained.tokenizer, batch_size=32, max_seq_length=128)
+    data.setup()
+    with torch.no_grad():
+        losses = [
+            torch.nn.functional.cross_entropy(trained.model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+            for b in data.val_dataloader()
+        ]
+    _, val = read_curves(trained_demos["gpt_demo"].parent)
+    assert torch.stack(losses).mean().item() == pytest.approx(val[-1].value, abs=1e-4)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="No checkpoint in"):
+        load_trained(tmp_path)
