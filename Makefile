@@ -16,10 +16,13 @@ ARGS ?=
 LOGGER ?=
 OPTIONAL ?=
 DELETE ?=
+TEXT ?=
+DEMO_QUEUE := --queues [experiments.demo.yaml]
 RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint configs data data-sample bench-data list run-next run-specific run-all reset demo
+.PHONY: help install test lint configs data data-sample bench-data list run-next run-specific run-all reset \
+	demo eval sample report
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -63,5 +66,17 @@ run-all: ## Train every todo experiment in order, past failures (ARGS=, LOGGER=,
 reset: ## Put MODEL back to todo; checkpoints kept unless DELETE=1
 	$(LAB) reset '$(MODEL)' --queue $(QUEUE) $(if $(DELETE),--delete_checkpoints true)
 
-demo: data-sample ## The offline demo: sample data, then train the demo models on a CPU
+demo: data-sample ## The offline demo: sample data, train the demo models, eval, samples, report
 	$(LAB) run-all --queue experiments.demo.yaml --args='$(ARGS)'
+	$(LAB) eval $(DEMO_QUEUE)
+	$(LAB) sample $(DEMO_QUEUE)
+	$(LAB) report $(DEMO_QUEUE)
+
+eval: ## Loss, perplexity, bits/byte of finished runs on the whole validation split (MODEL=, TEXT=)
+	$(LAB) eval $(if $(MODEL),--model '$(MODEL)') $(if $(TEXT),--text '$(TEXT)')
+
+sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=)
+	$(LAB) sample $(if $(MODEL),--model '$(MODEL)')
+
+report: ## Compare every run in experiments/report/README.md with figures
+	$(LAB) report

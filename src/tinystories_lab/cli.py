@@ -10,6 +10,9 @@ from tinystories_lab.bench.encoding import bench_data
 from tinystories_lab.configs import configs
 from tinystories_lab.data.prepare import prepare
 from tinystories_lab.errors import UserError
+from tinystories_lab.evaluate.perplexity import evaluate
+from tinystories_lab.evaluate.report import report
+from tinystories_lab.evaluate.samples import sample
 from tinystories_lab.experiments.listing import list_experiments
 from tinystories_lab.experiments.runner import reset, run_all, run_next, run_specific
 
@@ -22,6 +25,9 @@ COMMANDS = {
     "run-specific": run_specific,
     "run-all": run_all,
     "reset": reset,
+    "eval": evaluate,
+    "sample": sample,
+    "report": report,
 }
 
 

@@ -121,6 +121,8 @@ class TinyStories(DataModule):
 
     def __post_init__(self) -> None:
         super().__init__()
+        self.data_dir = Path(self.data_dir)  # also when built from a saved hyperparameters.yaml
+        self.tokens_dir = Path(self.tokens_dir) if self.tokens_dir is not None else None
 
     def connect(
         self,

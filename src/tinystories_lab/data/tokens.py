@@ -46,6 +46,17 @@ def encode_batch(tokenizer: Tokenizer, stories: list[str], threads: int) -> list
     return [e.ids for e in tokenizer.processor.encode_batch(stories, add_special_tokens=False)]
 
 
+def encode_stories(tokenizer: Tokenizer, stories: list[str], threads: int | None = None) -> np.ndarray:
+    """[BOS] story [EOS] for every story, concatenated into one flat array."""
+    ids = encode_batch(tokenizer, stories, threads or cpu_count())
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    return np.fromiter(
+        chain.from_iterable([bos, *story, eos] for story in ids),
+        dtype=token_dtype(tokenizer.vocab_size),
+        count=sum(len(s) + 2 for s in ids),
+    )
+
+
 def write_split(
     tokenizer: Tokenizer,
     stories: list[str],
@@ -55,20 +66,12 @@ def write_split(
     desc: str = "encoding",
 ) -> dict:
     """Encode stories into `path` ([BOS] story [EOS] ...), atomically. Returns the split's counts."""
-    threads = threads or cpu_count()
-    dtype = token_dtype(tokenizer.vocab_size)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tokens = n_bytes = 0
     with open(tmp, "wb") as f, tqdm(total=len(stories), desc=desc, unit="story", unit_scale=True) as bar:
         for start in range(0, len(stories), chunk):
             batch = stories[start : start + chunk]
-            ids = encode_batch(tokenizer, batch, threads)
-            bos, eos = tokenizer.bos_id, tokenizer.eos_id
-            flat = np.fromiter(
-                chain.from_iterable([bos, *story, eos] for story in ids),
-                dtype=dtype,
-                count=sum(len(s) + 2 for s in ids),
-            )
+            flat = encode_stories(tokenizer, batch, threads)
             f.write(flat.tobytes())
             tokens += flat.size
             n_bytes += sum(len(s.encode()) for s in batch)

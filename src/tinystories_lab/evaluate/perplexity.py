@@ -1,0 +1,189 @@
+"""`make eval`: loss, perplexity and bits per byte over a whole text, plus what the run's logs say."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tinystories_lab.configs import architecture, count_parameters, format_table
+from tinystories_lab.data import TinyStories
+from tinystories_lab.data.sources import EOT, Separator, read_text_file
+from tinystories_lab.data.tokens import encode_stories, read_meta
+from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.runs import Checkpoint, read_curves
+from tinystories_lab.models import TrainedModel, final_checkpoint_dir, load_trained, select_experiments
+
+THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
+
+
+@torch.no_grad()
+def text_loss(
+    trained: TrainedModel, tokens: np.ndarray, batch_size: int = 16, device: str = "cpu", desc: str = "eval"
+) -> tuple[float, int]:
+    """Mean next-token loss (nats) over every token of `tokens` but the first, and how many were predicted.
+
+    Windows of `max_seq_length + 1` tokens with stride `max_seq_length` (the last one shorter) make
+    every token a target exactly once; the mean is over tokens, not over batches.
+    """
+    seq_len = trained.max_seq_length
+    starts = list(range(0, len(tokens) - 1, seq_len))
+    if not starts:
+        raise UserError("The text is too short to evaluate: it needs at least two tokens.")
+    full = [s for s in starts if s + seq_len + 1 <= len(tokens)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    if len(full) < len(starts):
+        batches.append(starts[len(full) :])  # the shorter tail window, alone
+    total, count = 0.0, 0
+    model = trained.model.to(device)
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        width = min(seq_len + 1, len(tokens) - batch[0])
+        x = torch.from_numpy(np.stack([tokens[s : s + width] for s in batch]).astype(np.int64)).to(device)
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum"
+        )
+        total += loss.item()
+        count += x[:, 1:].numel()
+    return total / count, count
+
+
+def text_tokens(
+    trained: TrainedModel, path: Path, separator: Separator | None
+) -> tuple[np.ndarray, int, int]:
+    """[BOS] story [EOS] tokens of a text file, its byte count, and its story count."""
+    if separator is None:
+        separator = "eot" if path.is_file() and EOT in path.read_text(encoding="utf-8") else "blank"
+    stories = read_text_file(path, separator)  # refuses a missing or empty file
+    tokens = encode_stories(trained.tokenizer, stories)
+    return tokens, sum(len(s.encode()) for s in stories), len(stories)
+
+
+def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, str]:
+    """The run's own validation split (checked against its tokenizer), its byte count, and a description."""
+    data_cfg = trained.hparams["data"]
+    module, _, name = data_cfg["class_path"].rpartition(".")
+    data = getattr(importlib.import_module(module), name)(**data_cfg.get("init_args", {}))
+    if not isinstance(data, TinyStories):
+        raise UserError(
+            f"{trained.checkpoint_dir} was trained with {data_cfg['class_path']}, not this project's "
+            "TinyStories data module; evaluate it on a text file with TEXT=path."
+        )
+    data.connect(trained.tokenizer, batch_size=1, max_seq_length=trained.max_seq_length)
+    tokens = data.split("validation")
+    meta = read_meta(data.resolved_tokens_dir())
+    return tokens, meta["splits"]["validation"]["bytes"], f"validation split of {data.source}"
+
+
+def training_summary(out_dir: Path, hparams: dict, thresholds: list[float]) -> dict:
+    """Throughput, wall time and convergence speed from the run's CSV metrics."""
+    rates, wall = [], 0.0
+    devices = hparams.get("devices", 1)
+    world = (devices if isinstance(devices, int) else 1) * hparams.get("num_nodes", 1)
+    for path in sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("time")]
+        rates += [float(r["device/items_per_sec"]) * world for r in rows if r.get("device/items_per_sec")]
+        if rows:
+            wall += float(rows[-1]["time"])
+    _, val = read_curves(out_dir)
+    reached = {str(t): next((p.tokens for p in val if p.value <= t), None) for t in thresholds}
+    return {
+        "train_tokens_per_s": statistics.median(rates) if rates else None,
+        "train_wall_time_s": wall or None,
+        "tokens_to_val_loss": reached,
+    }
+
+
+def evaluate_run(
+    checkpoint_dir: Path,
+    text: Path | None = None,
+    separator: Separator | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    thresholds: list[float] = THRESHOLDS,
+) -> dict:
+    """Evaluate one checkpoint on its validation split (or a text file) and summarise its training run."""
+    trained = load_trained(checkpoint_dir)
+    if text is None:
+        tokens, n_bytes, described = validation_tokens(trained)
+        stories = None
+    else:
+        tokens, n_bytes, stories = text_tokens(trained, text, separator)
+        described = str(text)
+    loss, n_tokens = text_loss(trained, tokens, batch_size, device, desc=f"eval {trained.name}")
+    ckpt = Checkpoint(checkpoint_dir / "lit_model.pth")
+    state = ckpt.load()
+    result = {
+        "name": trained.name,
+        "checkpoint": str(checkpoint_dir),
+        "arch": architecture(trained.config),
+        "parameters": count_parameters(trained.config, trained.tie_embeddings),
+        "tokens_trained": ckpt.tokens_seen(),
+        "steps": int(state["step_count"]),
+        "eval_text": described,
+        "stories": stories,
+        "context": trained.max_seq_length,
+        "windows": math.ceil(n_tokens / trained.max_seq_length),
+        "tokens_evaluated": n_tokens,
+        "bytes_evaluated": n_bytes,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": loss / math.log(2) * n_tokens / n_bytes,
+    }
+    return result | training_summary(checkpoint_dir.parent, trained.hparams, thresholds)
+
+
+def evaluate(
+    model: str | None = None,
+    text: Path | None = None,
+    separator: Separator | None = None,
+    queues: list[Path] | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> list[dict]:
+    """Evaluate finished experiments on their final checkpoint; write eval.json next to each run.
+
+    Loss and perplexity cover the whole validation split (every token predicted once); bits per byte
+    divides the total loss in bits by the UTF-8 bytes of the evaluated stories, so it compares across
+    tokenizers. Training throughput, wall time and the tokens needed to first reach a few validation
+    losses come from the run's metrics.
+
+    Args:
+        model: One experiment's name (default: every `done` experiment in the queues).
+        text: Evaluate this text file instead of the validation split; written to eval-<file name>.json.
+        separator: How stories are separated in `text`: 'eot' or 'blank' (default: 'eot' if the file
+            holds <|endoftext|> lines, else 'blank').
+        queues: Queue files to look in (default: experiments.yaml and experiments.demo.yaml).
+        batch_size: Windows per forward pass.
+        device: 'cpu' or 'cuda'.
+    """
+    entries = select_experiments(model, queues)
+    if not entries:
+        raise UserError(
+            "No finished experiment to evaluate: train one first (`make run-next` or `make demo`)."
+        )
+    results = []
+    for entry in entries:
+        checkpoint_dir = final_checkpoint_dir(entry)
+        result = evaluate_run(checkpoint_dir, text, separator, batch_size, device)
+        name = "eval.json" if text is None else f"eval-{text.stem}.json"
+        (checkpoint_dir.parent / name).write_text(json.dumps(result, indent=2) + "\n")
+        results.append(result)
+    header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "wall time"]
+    rows = [
+        [r["name"], f"{r['parameters'] / 1e6:.1f}M", r["eval_text"], f"{r['tokens_evaluated']:,}",
+         f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",
+         f"{r['train_tokens_per_s']:,.0f}" if r["train_tokens_per_s"] else "-",
+         f"{r['train_wall_time_s'] / 60:.1f} min" if r["train_wall_time_s"] else "-"]
+        for r in results
+    ]  # fmt: skip
+    print(format_table(rows, header))
+    return results

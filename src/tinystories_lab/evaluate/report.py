@@ -1,0 +1,390 @@
+"""`make report`: every run compared in experiments/report/README.md, with figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt  # falls back to the Agg backend without a display
+import yaml
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
+from tinystories_lab.experiments.listing import DEFAULT_QUEUES
+from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.runs import Point, final_checkpoint, out_dir_of, read_curves
+
+REPORT_DIR = Path("experiments/report")
+ANCHORS = Path(__file__).with_name("anchors.yaml")
+COLORS = {"gpt": "tab:blue", "llama": "tab:orange"}
+RESULTS_NOTE = (
+    "Validation loss and perplexity cover every token of each run's validation split once (windows "
+    "of the run's context, stride = context); bits per byte = total loss in bits / UTF-8 bytes of "
+    "the evaluated stories, comparable across tokenizers. Throughput is the median of LitGPT's "
+    'logged tokens/s; wall time sums the training sessions. "Tokens to X" is the first validation '
+    "point at or below loss X (validation runs every `eval.interval` steps: an upper bound)."
+)
+SAMPLES_NOTE = "Same prompts, seeds, temperature and top-k for both; **[EOS]** marks a story the model ended."
+REFERENCE_NOTE = (
+    "For context only. Per-token losses compare only between runs with the same tokenizer and "
+    "evaluation set: these use other tokenizers (Llama 2's or their own), other evaluation sets and "
+    "token budgets. Bits per byte is the fairer comparison."
+)
+
+
+@dataclass
+class Run:
+    """One experiment as the report sees it: its queue entry, shape, curves and evaluation files."""
+
+    entry: dict
+    arch: str
+    size: str
+    parameters: int
+    out_dir: Path
+    train: list[Point] = field(default_factory=list)
+    val: list[Point] = field(default_factory=list)
+    eval: dict | None = None
+    samples: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    @property
+    def finished(self) -> bool:
+        return self.entry["status"] == "done" and final_checkpoint(self.out_dir) is not None
+
+
+def load_runs(queues: list[Path]) -> list[Run]:
+    """Every entry of the queues, with whatever its run folder holds."""
+    runs = []
+    for queue in queues:
+        for entry in Queue(queue).load():
+            cfg = parse_config(entry["config"], *entry.get("args", []))
+            config = model_config(cfg)
+            out_dir = out_dir_of(entry)
+            train, val = read_curves(out_dir)
+            run = Run(
+                entry=entry,
+                arch=architecture(config),
+                size=f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
+                parameters=count_parameters(config, cfg.train.tie_embeddings),
+                out_dir=out_dir,
+                train=train,
+                val=val,
+            )
+            for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
+                if (out_dir / name).is_file():
+                    setattr(run, attr, json.loads((out_dir / name).read_text()))
+            runs.append(run)
+    return runs
+
+
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average, for readable training-loss curves."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def plot_curves(ax, run: Run, label: str | None = None) -> None:
+    color = COLORS.get(run.arch)
+    if run.train:
+        ax.plot(
+            [p.tokens for p in run.train], smooth([p.value for p in run.train]), color=color, alpha=0.35, lw=1
+        )
+    if run.val:
+        ax.plot(
+            [p.tokens for p in run.val],
+            [p.value for p in run.val],
+            "o-",
+            color=color,
+            ms=3,
+            label=label or run.name,
+        )
+
+
+def figure_loss_curves(runs: list[Run], path: Path) -> None:
+    """All runs overlaid: training loss (smoothed, faint) and validation loss (markers) against tokens."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run in enumerate(r for r in runs if r.train):
+        color = plt.cm.tab10(i % 10)
+        ax.plot(
+            [p.tokens for p in run.train], smooth([p.value for p in run.train]), color=color, alpha=0.35, lw=1
+        )
+        ax.plot(
+            [p.tokens for p in run.val], [p.value for p in run.val], "o-", color=color, ms=3, label=run.name
+        )
+    ax.set(
+        xlabel="training tokens",
+        ylabel="loss (nats/token)",
+        xscale="log",
+        title="Training (faint, smoothed) and validation (markers) loss",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_gpt_vs_llama(pairs: dict[str, dict[str, Run]], path: Path) -> None:
+    """One panel per size: the GPT and LLaMA runs of that shape."""
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
+    for ax, (size, pair) in zip(axes[0], pairs.items()):
+        for arch, run in sorted(pair.items()):
+            plot_curves(ax, run, f"{arch}: {run.name}")
+        ax.set(title=size, xlabel="training tokens", ylabel="loss (nats/token)", xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_scaling(evaluated: list[Run], anchors: list[dict], path: Path) -> None:
+    """Final validation loss, perplexity and bits per byte against true parameters."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, label in zip(
+        axes,
+        ("loss", "perplexity", "bits_per_byte"),
+        ("validation loss (nats/token)", "perplexity", "bits per byte"),
+    ):
+        for arch in ("gpt", "llama"):
+            runs = sorted((r for r in evaluated if r.arch == arch), key=lambda r: r.parameters)
+            ax.plot(
+                [r.parameters for r in runs],
+                [r.eval[key] for r in runs],
+                "o-",
+                color=COLORS[arch],
+                label=arch,
+            )
+            for r in runs:
+                ax.annotate(
+                    r.name, (r.parameters, r.eval[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+        if key == "bits_per_byte":
+            refs = [a for a in anchors if a.get("approx_bits_per_byte") and a.get("parameters")]
+            ax.plot(
+                [a["parameters"] for a in refs],
+                [a["approx_bits_per_byte"] for a in refs],
+                "s",
+                color="gray",
+                label="llama2.c (approx.)",
+            )
+        ax.set(xlabel="true parameters", ylabel=label)
+        ax.set_xscale("log" if ax.get_xlim()[1] > 10 * ax.get_xlim()[0] else "linear")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_throughput(evaluated: list[Run], path: Path) -> None:
+    """Training throughput of each run, as logged."""
+    runs = [r for r in evaluated if r.eval.get("train_tokens_per_s")]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(runs)), 4))
+    ax.bar(
+        [r.name for r in runs],
+        [r.eval["train_tokens_per_s"] for r in runs],
+        color=[COLORS[r.arch] for r in runs],
+    )
+    ax.set(ylabel="training tokens/s (median, all devices)", title="Training throughput")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(evaluated: list[Run], thresholds: list[str]) -> list[str]:
+    header = [
+        "run",
+        "arch",
+        "size",
+        "params",
+        "tokens trained",
+        "val loss",
+        "perplexity",
+        "bits/byte",
+        "train tok/s",
+        "wall time",
+    ] + [f"tokens to {t}" for t in thresholds]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in evaluated:
+        e = r.eval
+        wall = e.get("train_wall_time_s")
+        cells = [
+            f"`{r.name}`",
+            r.arch,
+            r.size,
+            f"{r.parameters / 1e6:.2f}M",
+            f"{e['tokens_trained']:,}",
+            fmt(e["loss"]),
+            fmt(e["perplexity"], ".2f"),
+            fmt(e["bits_per_byte"]),
+            fmt(e.get("train_tokens_per_s"), ",.0f"),
+            "-" if wall is None else f"{wall / 60:.1f} min",
+        ] + [fmt(e["tokens_to_val_loss"].get(t), ",") for t in thresholds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def samples_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
+    """The same prompts' samples, GPT and LLaMA side by side, per size."""
+    lines = []
+    for size, pair in pairs.items():
+        if not all(r.samples for r in pair.values()) or len(pair) < 2:
+            continue
+        gpt, llama = pair["gpt"], pair["llama"]
+        lines += [f"#### {size}", "", f"| prompt | `{gpt.name}` | `{llama.name}` |", "|---|---|---|"]
+        for a, b in zip(gpt.samples["samples"], llama.samples["samples"]):
+            cells = [repr(a["prompt"]) + f" (seed {a['seed']})", _cell(a), _cell(b)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _cell(sample: dict) -> str:
+    text = sample["text"].replace("|", "\\|").replace("\n", "<br>")
+    return text + (" **[EOS]**" if sample["stopped_at_eos"] else " …")
+
+
+def anchors_section(anchors: dict) -> list[str]:
+    """The published results of anchors.yaml as a table, with their caveats."""
+    header = "| model | shape | tokenizer | eval set | tokens trained | val loss | ~bits/byte | source |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for a in anchors["validation_loss"]:
+        cells = [a["model"], a["shape"], a["tokenizer"], a["eval_set"], a["tokens_trained"], a["loss"],
+                 a.get("approx_bits_per_byte", "-"), a["source"]]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += [""] + [f"- {n}" for n in anchors["notes"]]
+    return lines + ["", "Training throughput:", ""] + [f"- {t}" for t in anchors["throughput"]]
+
+
+def figure_link(stem: str, figures: dict[str, str]) -> str:
+    return f"![{figures[stem]}]({stem}.png)"
+
+
+def pending_section(pending: list[Run]) -> list[str]:
+    """Runs left out of the comparison, and why."""
+    lines = ["### Not in the comparison", "", "| run | status | why |", "|---|---|---|"]
+    for r in pending:
+        if not r.train:
+            why = "not trained yet"
+        elif not r.finished:
+            why = "unfinished"
+        else:
+            why = "not evaluated: `make eval`"
+        lines.append(f"| `{r.name}` | {r.entry['status']} | {why} |")
+    return lines + [""]
+
+
+def pairs_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
+    """GPT against LLaMA at each size, in numbers."""
+    lines = [
+        "| size | GPT | LLaMA | params GPT / LLaMA | val loss GPT / LLaMA | bits/byte GPT / LLaMA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, pair in pairs.items():
+        g, ll = pair["gpt"], pair["llama"]
+        lines.append(
+            f"| {size} | `{g.name}` | `{ll.name}` | {g.parameters / 1e6:.2f}M / {ll.parameters / 1e6:.2f}M "
+            f"| {g.eval['loss']:.3f} / {ll.eval['loss']:.3f} "
+            f"| {g.eval['bits_per_byte']:.3f} / {ll.eval['bits_per_byte']:.3f} |"
+        )
+    return lines + [
+        "",
+        "Same shapes; the LLaMA variants have more parameters (SwiGLU's third MLP matrix).",
+        "",
+    ]
+
+
+def interpretability_links(runs: list[Run], out_dir: Path) -> list[str]:
+    """Links to the comparison pages in out_dir/interp/ and to each run's interp/ index."""
+    pages = sorted((out_dir / "interp").glob("*.md"))
+    indexes = [p for r in runs for p in sorted((r.out_dir / "interp").glob("index.*"))]
+    links = [f"- [{p.stem}]({os.path.relpath(p, out_dir)})" for p in pages]
+    links += [f"- [{p.parent.parent.name}]({os.path.relpath(p, out_dir)})" for p in indexes]
+    return links
+
+
+def report(queues: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> Path:
+    """Compare every run in one Markdown report with figures: experiments/report/README.md.
+
+    Finished runs need `make eval` (and `make sample` for the samples section) first; runs that are
+    missing, unfinished or not evaluated are listed, not dropped.
+
+    Args:
+        queues: Queue files whose experiments to compare (default: experiments.yaml and
+            experiments.demo.yaml, those that exist).
+        out_dir: Where the report and its figures go.
+    """
+    queues = queues or [q for q in DEFAULT_QUEUES if q.is_file()]
+    runs = load_runs(queues)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    anchors = yaml.safe_load(ANCHORS.read_text())
+    evaluated = [r for r in runs if r.finished and r.eval]
+    pending = [r for r in runs if r not in evaluated]
+    by_size: dict[str, dict[str, Run]] = {}
+    for r in evaluated:
+        by_size.setdefault(r.size, {})[r.arch] = r
+    pairs = {size: pair for size, pair in by_size.items() if len(pair) == 2}
+
+    figures = {}
+    if any(r.train for r in runs):
+        figure_loss_curves(runs, out_dir / "loss_curves.png")
+        figures["loss_curves"] = "Training and validation loss of every run against training tokens"
+    if pairs:
+        figure_gpt_vs_llama(pairs, out_dir / "gpt_vs_llama.png")
+        figures["gpt_vs_llama"] = "GPT vs LLaMA at each size"
+    if evaluated:
+        figure_scaling(evaluated, anchors["validation_loss"], out_dir / "scaling.png")
+        figures["scaling"] = "Final validation loss, perplexity and bits per byte against true parameters"
+        figure_throughput(evaluated, out_dir / "throughput.png")
+        figures["throughput"] = "Training throughput"
+
+    lines = ["# TinyStories runs compared", "", f"Queues: {', '.join(f'`{q}`' for q in queues)}.", ""]
+    lines += ["## Results", ""]
+    if evaluated:
+        thresholds = list(evaluated[0].eval["tokens_to_val_loss"])
+        lines += results_table(evaluated, thresholds) + ["", RESULTS_NOTE, ""]
+    else:
+        lines += ["No evaluated run yet: train (`make run-next`), then `make eval`.", ""]
+    if pending:
+        lines += pending_section(pending)
+    if "loss_curves" in figures:
+        lines += ["## Loss curves", "", figure_link("loss_curves", figures), ""]
+    if pairs:
+        lines += ["## GPT vs LLaMA", "", figure_link("gpt_vs_llama", figures), ""] + pairs_section(pairs)
+        samples = samples_section(pairs)
+        if samples:
+            lines += ["### Samples, side by side", "", SAMPLES_NOTE, ""] + samples
+    if evaluated:
+        lines += [
+            "## Size and speed",
+            "",
+            figure_link("scaling", figures),
+            "",
+            figure_link("throughput", figures),
+            "",
+        ]
+    links = interpretability_links(runs, out_dir)
+    if links:
+        lines += ["## Interpretability", ""] + links + [""]
+    lines += ["## Published reference results", "", REFERENCE_NOTE, ""] + anchors_section(anchors) + [""]
+    (out_dir / "README.md").write_text("\n".join(lines))
+    print(
+        f"Report: {out_dir / 'README.md'}: {len(evaluated)} runs compared, {len(pending)} listed as pending"
+    )
+    return out_dir / "README.md"
