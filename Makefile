@@ -17,12 +17,17 @@ LOGGER ?=
 OPTIONAL ?=
 DELETE ?=
 TEXT ?=
+STEPS ?=
+DATA_DIR ?= data
+BENCH_OUT ?= benchmarks/results
+BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) --data_dir $(DATA_DIR) \
+	--out_dir $(BENCH_OUT)
 DEMO_QUEUE := --queues [experiments.demo.yaml]
 RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample bench-data list run-next run-specific run-all reset \
-	demo eval sample report
+	demo eval sample report bench bench-sweep
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,13 +48,19 @@ configs: ## Print every config's shape and true parameter count
 	$(LAB) configs
 
 data: ## Download TinyStories, train the 32k tokenizer, write token files (VOCAB=32000)
-	$(LAB) data --source tinystories --vocab_size $(VOCAB)
+	$(LAB) data --source tinystories --vocab_size $(VOCAB) --data_dir $(DATA_DIR)
 
 data-sample: ## Same for the bundled sample, offline (SAMPLE_VOCAB=8192)
-	$(LAB) data --source sample --vocab_size $(SAMPLE_VOCAB)
+	$(LAB) data --source sample --vocab_size $(SAMPLE_VOCAB) --data_dir $(DATA_DIR)
 
 bench-data: ## Measure token-file encoding throughput, 1 thread vs all cores, on the sample
 	$(LAB) bench-data
+
+bench: data-sample ## Tokens/s, MFU, memory: litgpt pretrain vs a bare loop (MODEL=a,b STEPS=)
+	$(LAB) bench $(BENCH_FLAGS)
+
+bench-sweep: data-sample ## Precision x micro batch sweep per variant on this device (MODEL=a,b STEPS=)
+	$(LAB) bench-sweep $(BENCH_FLAGS)
 
 list: ## Show every experiment: architecture, parameters, status, progress, last val loss
 	$(LAB) list

@@ -1,0 +1,286 @@
+"""`make bench` and `make bench-sweep`: training speed of the project's path against a bare loop.
+
+For each variant, on the current device, in one run: the device's peak FLOP/s measured by a large
+matrix product; `litgpt pretrain` with the variant's config and this project's DataModule on the
+sample (the real path); and the bare loop of `bench.bare` on the same model, batches, precision,
+compile setting and optimizer. Both are timed over optimizer steps after a warm-up that absorbs
+compilation. MFU uses FLOPs per token = 6N + 12 L H Q T (nanoGPT, llama2.c).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tinystories_lab.configs import count_parameters, model_config, parse_config
+from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.listing import DEFAULT_QUEUES
+from tinystories_lab.experiments.queue import Queue
+
+Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def resolve_config(model: str) -> Path:
+    """A config path from an experiment name (in the queues) or a path to a YAML file."""
+    if Path(model).is_file():
+        return Path(model)
+    entries = [e for q in DEFAULT_QUEUES if q.is_file() for e in Queue(q).load()]
+    for entry in entries:
+        if entry["name"] == model:
+            return Path(entry["config"])
+    raise UserError(f"Unknown model {model!r}. Valid names: {', '.join(e['name'] for e in entries)}.")
+
+
+def device_name(device: torch.device) -> str:
+    """A short name of the device for result files, e.g. 'nvidia-h100-80gb-hbm3' or 'cpu-2core-...'."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()) if Path(
+            "/proc/cpuinfo").exists() else None  # fmt: skip
+        name = f"cpu {len(os.sched_getaffinity(0))}core {model.group(1) if model else platform.processor()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best FLOP/s of a large square matrix product on the device (2048 on a CPU, 8192 on a GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def flops_per_token(cfg) -> float:
+    """6N + 12 L H Q T: forward and backward through all parameters, plus attention over the context."""
+    config = model_config(cfg)
+    n = count_parameters(config, cfg.train.tie_embeddings)
+    return 6 * n + 12 * config.n_layer * config.n_head * config.head_size * cfg.train.max_seq_length
+
+
+def run_project(
+    config: Path, overrides: list[str], steps: int, warmup: int, compile: bool, workdir: Path
+) -> dict:
+    """`litgpt pretrain` for warmup + steps optimizer steps; speed from its CSV metrics."""
+    cfg = parse_config(config, *overrides)
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.max_seq_length
+    cmd = [
+        sys.executable, "-m", "litgpt", "pretrain", "--config", str(config), *overrides,
+        f"--out_dir={workdir}", "--devices=1", "--logger_name=csv",
+        f"--train.max_tokens={(warmup + steps) * tokens_per_step}", "--train.save_interval=null",
+        "--train.log_interval=1", "--eval.interval=1000000", "--eval.initial_validation=false",
+        "--eval.final_validation=false",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
+    if not compile:
+        env["TORCH_COMPILE_DISABLE"] = "1"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"litgpt pretrain failed:\n{output[-3000:]}")
+    with open(next(workdir.glob("logs/csv/version_*/metrics.csv")), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    start, end = rows[warmup - 1], rows[-1]
+    seconds = float(end["time"]) - float(start["time"])
+    gpu = re.search(r"Memory Used\s*:\s*([\d.]+) GB", output)
+    return {
+        "tokens_per_s": (int(end["total_tokens"]) - int(start["total_tokens"])) / seconds,
+        "step_seconds": seconds / steps,
+        "losses": [float(r["loss"]) for r in rows],
+        "peak_memory_gib": float(gpu.group(1)) * 1e9 / 2**30 if gpu else usage.ru_maxrss / 2**20,
+    }
+
+
+def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compile: bool, device: str) -> dict:
+    """The bare loop in a process of its own (so its peak memory is its own)."""
+    settings = {"config": str(config), "overrides": overrides, "steps": steps, "warmup": warmup,
+                "compile": compile, "device": device}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
+    result = subprocess.run([sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)],
+                            capture_output=True, text=True, env=env)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_one(
+    model: str,
+    precision: Precision | None,
+    micro_batch_size: int | None,
+    global_batch_size: int | None,
+    steps: int,
+    warmup: int,
+    compile: bool,
+    data_dir: Path,
+    device: torch.device,
+    peaks: dict[str, float],
+) -> dict:
+    """Both paths for one variant and setting, with tokens/s, their ratio, MFU, memory and data wait."""
+    config = resolve_config(model)
+    tokenizer_dir = data_dir / "tokenizers" / "sample"
+    if not tokenizer_dir.is_dir():
+        raise UserError(
+            f"No sample data in {data_dir}: benchmarks train on the bundled sample; run `make data-sample`."
+        )
+    overrides = ["--data.init_args.source=sample", f"--data.init_args.data_dir={data_dir}",
+                 f"--tokenizer_dir={tokenizer_dir}"]  # fmt: skip
+    if precision:
+        overrides.append(f"--precision={precision}")
+    if micro_batch_size:
+        overrides.append(f"--train.micro_batch_size={micro_batch_size}")
+    if global_batch_size or micro_batch_size:
+        overrides.append(f"--train.global_batch_size={global_batch_size or micro_batch_size}")
+    cfg = parse_config(config, *overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        project = run_project(config, overrides, steps, warmup, compile, Path(tmp))
+    bare = run_bare(config, overrides, steps, warmup, compile, device.type)
+    fpt = flops_per_token(cfg)
+    peak = peaks["bf16" if cfg.precision.startswith("bf16") else "fp32"]
+    return {
+        "model": model,
+        "config": str(config),
+        "precision": cfg.precision,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "global_batch_size": cfg.train.global_batch_size,
+        "seq_len": cfg.train.max_seq_length,
+        "compile": compile,
+        "parameters": count_parameters(model_config(cfg), cfg.train.tie_embeddings),
+        "flops_per_token": fpt,
+        "project": project | {"mfu": project["tokens_per_s"] * fpt / peak},
+        "bare": bare | {"mfu": bare["tokens_per_s"] * fpt / peak},
+        "ratio_project_over_bare": project["tokens_per_s"] / bare["tokens_per_s"],
+        "data_wait_share": bare["data_seconds_per_step"] / project["step_seconds"],
+    }
+
+
+def run_benchmarks(settings: list[dict], steps: int, warmup: int, data_dir: Path, device: str, out_dir: Path,
+                   kind: str) -> dict:  # fmt: skip
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
+                       else device)  # fmt: skip
+    peaks = {"fp32": peak_flops(dev, torch.float32), "bf16": peak_flops(dev, torch.bfloat16)}
+    print(f"Device {device_name(dev)}: matmul peak {peaks['fp32'] / 1e9:,.0f} GFLOP/s fp32, "
+          f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s bf16")  # fmt: skip
+    results = []
+    for s in settings:
+        print(f"{s['model']}: {s}")
+        results.append(bench_one(**s, steps=steps, warmup=warmup, data_dir=data_dir, device=dev, peaks=peaks))
+    report = {"kind": kind, "device": device_name(dev), "date": date.today().isoformat(),
+              "torch": torch.__version__, "steps": steps, "warmup": warmup, "peak_flops": peaks,
+              "results": results}  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{report['device']}-{report['date']}" + ("" if kind == "bench" else f"-{kind}")
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = results_table(report)
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    print(f"Results: {out_dir / stem}.json and .md")
+    return report
+
+
+def results_table(report: dict) -> str:
+    header = ["model", "precision", "micro", "compile", "project tok/s", "bare tok/s", "project/bare",
+              "MFU project", "MFU bare", "peak mem (GiB)", "data wait", "loss first -> last"]  # fmt: skip
+    rows = []
+    for r in report["results"]:
+        p, b = r["project"], r["bare"]
+        rows.append([
+            r["model"], r["precision"], r["micro_batch_size"], "yes" if r["compile"] else "no",
+            f"{p['tokens_per_s']:,.0f}", f"{b['tokens_per_s']:,.0f}", f"{r['ratio_project_over_bare']:.3f}",
+            f"{p['mfu']:.1%}", f"{b['mfu']:.1%}", f"{p['peak_memory_gib']:.2f} / {b['peak_memory_gib']:.2f}",
+            f"{r['data_wait_share']:.2%}", f"{p['losses'][0]:.3f} -> {p['losses'][-1]:.3f}",
+        ])  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    peaks = report["peak_flops"]
+    return "\n".join([
+        f"Device: {report['device']}, torch {report['torch']}, {report['date']}; matmul peak "
+        f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:,.0f} GFLOP/s bf16; "
+        f"{report['steps']} timed steps after {report['warmup']} warm-up steps.",
+        "",
+        *lines,
+    ])  # fmt: skip
+
+
+def bench(
+    model: str = "gpt_demo,llama_demo",
+    steps: int = 10,
+    warmup: int = 3,
+    precision: Precision | None = None,
+    micro_batch_size: int | None = None,
+    global_batch_size: int | None = None,
+    compile: bool = True,
+    data_dir: Path = Path("data"),
+    device: str = "auto",
+    out_dir: Path = RESULTS_DIR,
+) -> dict:
+    """Tokens/s of `litgpt pretrain` (this project's path) and of a bare loop, their ratio, MFU, peak
+    memory and the share of step time spent waiting for data; written to out_dir/<device>-<date>.json/.md.
+
+    Args:
+        model: Comma-separated experiment names (or config paths) to benchmark.
+        steps: Optimizer steps timed, after the warm-up.
+        warmup: Optimizer steps run first and not timed (they include torch.compile's compilation).
+        precision: Override the config's precision (32-true, bf16-mixed or bf16-true).
+        micro_batch_size: Override the config's micro batch (also the global batch, unless given).
+        global_batch_size: Override the config's global batch.
+        compile: Compile the model (LitGPT always does; False sets TORCH_COMPILE_DISABLE=1).
+        data_dir: Data folder holding the sample's tokenizer and token files (`make data-sample`).
+        device: 'auto', 'cpu' or 'cuda'.
+        out_dir: Where the results go.
+    """
+    settings = [
+        {"model": m, "precision": precision, "micro_batch_size": micro_batch_size,
+         "global_batch_size": global_batch_size, "compile": compile}
+        for m in model.split(",")
+    ]  # fmt: skip
+    return run_benchmarks(settings, steps, warmup, data_dir, device, out_dir, kind="bench")
+
+
+def bench_sweep(
+    model: str = "gpt_demo,llama_demo",
+    micro_batch_sizes: list[int] = [8, 16, 32],  # noqa: B006 - jsonargparse needs a literal default
+    precisions: list[Precision] = ["32-true", "bf16-mixed", "bf16-true"],  # noqa: B006
+    steps: int = 6,
+    warmup: int = 3,
+    data_dir: Path = Path("data"),
+    device: str = "auto",
+    out_dir: Path = RESULTS_DIR,
+) -> dict:
+    """Every precision x micro batch (global batch = micro batch), per variant; both paths each time.
+
+    Args:
+        model: Comma-separated experiment names (or config paths).
+        micro_batch_sizes: Micro batch sizes to try.
+        precisions: Precisions to try.
+        steps: Optimizer steps timed, after the warm-up.
+        warmup: Optimizer steps run first and not timed.
+        data_dir: Data folder holding the sample's tokenizer and token files (`make data-sample`).
+        device: 'auto', 'cpu' or 'cuda'.
+        out_dir: Where the results go (<device>-<date>-sweep.json/.md).
+    """
+    settings = [
+        {"model": m, "precision": p, "micro_batch_size": mb, "global_batch_size": None, "compile": True}
+        for m in model.split(",") for mb in micro_batch_sizes for p in precisions
+    ]  # fmt: skip
+    return run_benchmarks(settings, steps, warmup, data_dir, device, out_dir, kind="sweep")
