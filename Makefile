@@ -27,7 +27,7 @@ RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample bench-data list run-next run-specific run-all reset \
-	demo eval sample report bench bench-sweep
+	demo eval sample report bench bench-sweep export
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -91,3 +91,6 @@ sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=)
 
 report: ## Compare every run in experiments/report/README.md with figures
 	$(LAB) report
+
+export: ## Export MODEL to experiments/tiny_stories/<name>/hf/ for transformers, with a parity check
+	$(LAB) export '$(MODEL)'

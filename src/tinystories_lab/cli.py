@@ -16,6 +16,7 @@ from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.samples import sample
 from tinystories_lab.experiments.listing import list_experiments
 from tinystories_lab.experiments.runner import reset, run_all, run_next, run_specific
+from tinystories_lab.export.exporter import export
 
 COMMANDS = {
     "configs": configs,
@@ -31,6 +32,7 @@ COMMANDS = {
     "report": report,
     "bench": bench,
     "bench-sweep": bench_sweep,
+    "export": export,
 }
 
 
