@@ -1,5 +1,5 @@
 # Thin wrappers: every target calls one `tinystories-lab` verb (see `make help`).
-# Variables map onto CLI flags: MODEL=, ARGS=, LOGGER=, TEXT=, VOCAB=, STEPS=.
+# Variables map onto CLI flags: MODEL=, ARGS=, LOGGER=, TEXT=, VOCAB=, STEPS=, REPO=.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,6 +18,7 @@ OPTIONAL ?=
 DELETE ?=
 TEXT ?=
 STEPS ?=
+REPO ?=
 DATA_DIR ?= data
 BENCH_OUT ?= benchmarks/results
 BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) --data_dir $(DATA_DIR) \
@@ -27,7 +28,7 @@ RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample bench-data list run-next run-specific run-all reset \
-	demo eval sample report bench bench-sweep export
+	demo eval sample report bench bench-sweep export publish
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -94,3 +95,6 @@ report: ## Compare every run in experiments/report/README.md with figures
 
 export: ## Export MODEL to experiments/tiny_stories/<name>/hf/ for transformers, with a parity check
 	$(LAB) export '$(MODEL)'
+
+publish: ## Upload MODEL's hf/ folder to the Hugging Face Hub: REPO=your-name/repo (needs a token)
+	$(LAB) publish '$(MODEL)' '$(REPO)'

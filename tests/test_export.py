@@ -1,13 +1,16 @@
 """Hugging Face export: config mapping, weights, tokenizer, parity, the model card, and refusals."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import CONFIG_HUB
+from conftest import CONFIG_HUB, ROOT
 from litgpt import GPT, Config
 
 from tinystories_lab.errors import UserError
@@ -162,6 +165,21 @@ def test_an_experiment_without_checkpoint_fails_and_writes_nothing(tmp_path):
     with pytest.raises(UserError, match="untrained has no final checkpoint.*run-specific MODEL=untrained"):
         export("untrained", queues=[tmp_path / "queue.yaml"])
     assert [p.name for p in tmp_path.iterdir()] == ["queue.yaml"]
+
+
+def test_publish_refuses_without_a_repository_or_a_token(tmp_path):
+    from tinystories_lab.export.publish import publish
+
+    with pytest.raises(UserError, match="Name the Hub repository: `make publish MODEL=gpt_demo REPO="):
+        publish("gpt_demo", "")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_HOME"] = str(tmp_path)  # no cached login there
+    cmd = [Path(sys.executable).parent / "tinystories-lab", "publish", "gpt_demo", "someone/gpt_demo"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: No Hugging Face token: set HF_TOKEN or run `.venv/bin/hf auth login`, then publish again."
+    ]
 
 
 # The demo models, trained briefly: export and parity, tokenizer, generation, the card, refusals.

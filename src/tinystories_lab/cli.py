@@ -17,6 +17,7 @@ from tinystories_lab.evaluate.samples import sample
 from tinystories_lab.experiments.listing import list_experiments
 from tinystories_lab.experiments.runner import reset, run_all, run_next, run_specific
 from tinystories_lab.export.exporter import export
+from tinystories_lab.export.publish import publish
 
 COMMANDS = {
     "configs": configs,
@@ -33,6 +34,7 @@ COMMANDS = {
     "bench": bench,
     "bench-sweep": bench_sweep,
     "export": export,
+    "publish": publish,
 }
 
 
