@@ -93,7 +93,9 @@ def hf_config(config: Config, tie_embeddings: bool, bos_id: int, eos_id: int) ->
             "rotary_pct": config.rotary_percentage,
             "rotary_emb_base": config.rope_base,
             "rope_parameters": {**rope, "partial_rotary_factor": config.rotary_percentage},
-            "attention_bias": config.bias or config.attn_bias,
+            # Always on (zero for bias-free models): tools that read GPT-NeoX, e.g. TransformerLens's
+            # adapter, expect a query_key_value bias.
+            "attention_bias": True,
         }
     return {
         "architectures": ["LlamaForCausalLM"],
