@@ -31,6 +31,7 @@ SAMPLES = {
     "samples": [
         {"prompt": "Once upon a time", "seed": 1, "text": "Once upon a time, a cat sat.\nThe end.",
          "tokens": 12, "stopped_at_eos": True},
+        {"prompt": "", "seed": 2, "text": "The dog ran.", "tokens": 4, "stopped_at_eos": False},
     ],
 }  # fmt: skip
 
@@ -269,8 +270,9 @@ def test_model_card_shows_evaluation_and_samples_when_present(exported, trained_
     card = model_card(load_trained(trained_demos["gpt_demo"]), cfg, parity, run_dir=tmp_path)
     for text in (
         "| loss | 3.4567 nats/token |", "| bits per byte | 1.2345 |", "| tokens to val loss 4.0 | 65,536 |",
-        "| tokens to val loss 2.0 | not reached |", "> **Once upon a time**, a cat sat.\n> The end.",
-        "(seed 1, 12 tokens, stopped at EOS)",
+        "| val loss not reached | 2.0 |", "> **Once upon a time**, a cat sat.\n> The end.",
+        "(seed 1, 12 new tokens, ended at EOS)", "> The dog ran.",
+        "(no prompt, from BOS alone; seed 2, 4 new tokens, cut at the token limit)",
     ):  # fmt: skip
         assert text in card
     assert "Not evaluated yet" not in card and "None yet" not in card

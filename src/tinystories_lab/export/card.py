@@ -123,16 +123,20 @@ def _evaluation(path: Path, name: str) -> str:
     e = json.loads(path.read_text())
     rows = [
         ("evaluated checkpoint", f"`{e['checkpoint']}`"),
-        ("text", f"{e['eval_text']}: {e['tokens_evaluated']:,} tokens, {e['bytes_evaluated']:,} bytes, "
-                 f"{e['windows']:,} windows of {e['context']} tokens"),
+        ("text", f"{e['eval_text']}: {e['tokens_evaluated']:,} tokens, {e['bytes_evaluated']:,} bytes"),
         ("loss", f"{e['loss']:.4f} nats/token"),
         ("perplexity", f"{e['perplexity']:.3f}"),
         ("bits per byte", f"{e['bits_per_byte']:.4f}"),
-        ("training throughput", f"{e['train_tokens_per_s']:,.0f} tokens/s"),
-        ("training time", f"{e['train_wall_time_s'] / 3600:.2f} h"),
-    ]  # fmt: skip
-    for threshold, tokens in (e.get("tokens_to_val_loss") or {}).items():
-        rows.append((f"tokens to val loss {threshold}", "not reached" if tokens is None else f"{tokens:,}"))
+    ]
+    if e.get("train_tokens_per_s"):
+        rows.append(("training throughput", f"{e['train_tokens_per_s']:,.0f} tokens/s"))
+    if e.get("train_wall_time_s"):
+        rows.append(("training time", f"{e['train_wall_time_s'] / 3600:.2f} h"))
+    reached = {t: n for t, n in (e.get("tokens_to_val_loss") or {}).items() if n is not None}
+    rows += [(f"tokens to val loss {t}", f"{n:,}") for t, n in reached.items()]
+    missed = [t for t in e.get("tokens_to_val_loss") or {} if t not in reached]
+    if missed:
+        rows.append(("val loss not reached", ", ".join(missed)))
     return _table(rows)
 
 
@@ -140,17 +144,19 @@ def _samples(path: Path, name: str) -> str:
     if not path.is_file():
         return f"None yet: run `make sample MODEL={name}`, then export again."
     s = json.loads(path.read_text())
+    top_k = f"top-k {s['top_k']}" if s["top_k"] else "no top-k"
     parts = [
-        f"Sampled with temperature {s['temperature']}, top-k {s['top_k']}, at most {s['max_new_tokens']} new "
-        "tokens; the prompt is in bold."
+        f"Sampled with temperature {s['temperature']}, {top_k}, at most {s['max_new_tokens']} new tokens; "
+        "the prompt is in bold."
     ]
     for sample in s["samples"]:
         prompt, text = sample["prompt"], sample["text"]
         rest = text[len(prompt) :] if text.startswith(prompt) else text
-        end = "stopped at EOS" if sample["stopped_at_eos"] else "cut at the token limit"
-        story = f"**{prompt.rstrip()}**{prompt[len(prompt.rstrip()) :]}{rest}"
-        quoted = "\n".join(f"> {line}".rstrip() for line in story.splitlines())
-        parts.append(f"{quoted}\n\n(seed {sample['seed']}, {sample['tokens']} tokens, {end})")
+        bold = f"**{prompt.strip()}**{prompt[len(prompt.rstrip()) :]}" if prompt.strip() else ""
+        quoted = "\n".join(f"> {line}".rstrip() for line in (bold + rest).splitlines())
+        start = "" if prompt.strip() else "no prompt, from BOS alone; "
+        end = "ended at EOS" if sample["stopped_at_eos"] else "cut at the token limit"
+        parts.append(f"{quoted}\n\n({start}seed {sample['seed']}, {sample['tokens']} new tokens, {end})")
     return "\n\n".join(parts)
 
 
