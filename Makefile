@@ -98,3 +98,15 @@ export: ## Export MODEL to experiments/tiny_stories/<name>/hf/ for transformers,
 
 publish: ## Upload MODEL's hf/ folder to the Hugging Face Hub: REPO=your-name/repo (needs a token)
 	$(LAB) publish '$(MODEL)' '$(REPO)'
+
+# Interpretability (GPT= and LLAMA= name the two experiments interpret-compare puts side by side)
+GPT ?=
+LLAMA ?=
+DEVICE ?=
+.PHONY: interpret interpret-compare
+
+interpret: ## Attention, head scores, neurons, ablations, logit lens of MODEL -> its interp/ (DEVICE=cuda)
+	$(LAB) interpret '$(MODEL)' $(if $(DEVICE),--device $(DEVICE))
+
+interpret-compare: ## GPT vs LLaMA page: GPT=gpt_6L_6H_288D LLAMA=llama_6L_6H_288D -> experiments/report/interp/
+	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(if $(DEVICE),--device $(DEVICE))

@@ -1,10 +1,12 @@
 """The interpretability instruments, proven on real (briefly) trained demo models in fp32."""
 
 import copy
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from tinystories_lab.interpret import (
     ablate,
@@ -214,3 +216,53 @@ def test_neuron_stats_match_the_mlp_computed_by_hand(demo):
     assert torch.equal(stats.dead, stats.max <= threshold)
     selectivity = stats.selectivity
     assert torch.isnan(selectivity[stats.dead]).all() and not torch.isnan(selectivity[~stats.dead]).any()
+
+
+@pytest.mark.slow
+def test_interpret_and_compare_write_every_file_and_link_them(trained_demos, tmp_path, capsys):
+    from conftest import DEMO_CONFIGS
+
+    from tinystories_lab.cli import main
+
+    queue = tmp_path / "queue.yaml"
+    entries = [
+        dict(name=n, config=str(DEMO_CONFIGS[n]), status="done", out_dir=str(trained_demos[n].parent))
+        for n in DEMOS
+    ]
+    queue.write_text(yaml.safe_dump({"experiments": entries}))
+    small = "--windows 2 --ablation_windows 1 --stories 2 --repeats 2 --period 8 --attention_tokens 12"
+    small = [*small.split(), "--neurons", "3", "--top_k", "2", "--queues", f"[{queue}]"]
+    with pytest.raises(SystemExit):
+        main(["interpret", "gpt_demo", "--period", "100", "--queues", f"[{queue}]"])
+    assert "makes sequences of 201 tokens" in capsys.readouterr().err
+    for name in DEMOS:
+        main(["interpret", name, *small])
+    report = tmp_path / "report"
+    main(["interpret-compare", "gpt_demo", "llama_demo", "--out_dir", str(report), "--queues", f"[{queue}]"])
+    assert "gpt_demo: 13 files in" in capsys.readouterr().out  # the summary line
+
+    expected = {
+        "index.md", "summary.json", "attention.png", "attention.html", "head_scores.png", "head_scores.json",
+        "neurons.md", "neurons.json", "ablation.md", "ablation.json", "ablation.png", "logit_lens.png",
+        "logit_lens.json",
+    }  # fmt: skip
+    for name in DEMOS:
+        interp = trained_demos[name].parent / "interp"
+        files = {p.name: p for p in interp.iterdir()}
+        assert set(files) == expected
+        assert all(p.stat().st_size > 0 for p in files.values())
+        linked = set(re.findall(r"\]\(([^)#]+)\)", (interp / "index.md").read_text()))
+        assert linked == expected - {"index.md"}
+        page = (interp / "attention.html").read_text()
+        assert "CircuitsVis.render" in page and not re.search(r"<script[^>]*\ssrc=", page)
+        assert "unpkg.com" not in page  # circuitsvis's CDN: the view must work offline
+        neurons = (interp / "neurons.md").read_text()
+        assert "(neurons.json)" in neurons and neurons.count("\n### L") == 3
+
+    page = report / "gpt_demo-vs-llama_demo.md"
+    links = re.findall(r"\]\(([^)]+)\)", page.read_text())
+    assert {f"gpt_demo-vs-llama_demo-{k}.png" for k in ("head_scores", "ablation", "logit_lens")} <= set(
+        links
+    )
+    assert sum(link.endswith("interp/index.md") for link in links) == 2
+    assert all((report / link).is_file() and (report / link).stat().st_size > 0 for link in links)

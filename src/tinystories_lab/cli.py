@@ -18,6 +18,7 @@ from tinystories_lab.experiments.listing import list_experiments
 from tinystories_lab.experiments.runner import reset, run_all, run_next, run_specific
 from tinystories_lab.export.exporter import export
 from tinystories_lab.export.publish import publish
+from tinystories_lab.interpret.run import interpret, interpret_compare
 
 COMMANDS = {
     "configs": configs,
@@ -35,6 +36,8 @@ COMMANDS = {
     "bench-sweep": bench_sweep,
     "export": export,
     "publish": publish,
+    "interpret": interpret,
+    "interpret-compare": interpret_compare,
 }
 
 

@@ -1,6 +1,6 @@
 """Interpretability instruments for LitGPT's `GPT`, offline and on CPU: attention patterns, head scores,
 neurons, ablations and the logit lens. Each takes a `TrainedModel` (see `tinystories_lab.models`) or a
-`litgpt.GPT`.
+`litgpt.GPT`; `tinystories-lab interpret` runs them all and writes the pages.
 
     from tinystories_lab.interpret import attention_patterns, logit_lens, validation_tokens
     from tinystories_lab.interpret import validation_windows
@@ -42,6 +42,7 @@ from tinystories_lab.interpret.inputs import (
 )
 from tinystories_lab.interpret.logit_lens import logit_lens, unembed
 from tinystories_lab.interpret.neurons import NeuronStats, neuron_stats
+from tinystories_lab.interpret.run import interpret, interpret_compare
 
 __all__ = [
     "SCORES",
@@ -59,6 +60,8 @@ __all__ = [
     "head_scores",
     "hooks",
     "induction_score",
+    "interpret",
+    "interpret_compare",
     "logit_lens",
     "loss",
     "mean_activations",
