@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from litgpt import Tokenizer
 
 from tinystories_lab.cli import main
 from tinystories_lab.data.sources import load_split
+from tinystories_lab.data.tokens import tokens_dir_for
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import evaluate
 from tinystories_lab.evaluate.report import report
@@ -52,7 +54,7 @@ def test_eval_matches_a_direct_computation_and_its_definitions(queue, trained_de
     written = json.loads((trained_demos["gpt_demo"].parent / "eval.json").read_text())
     assert written == result
     trained = load_trained(trained_demos["gpt_demo"])
-    tokens_dir = next((sample_data / "tokens").glob("sample-*"))
+    tokens_dir = tokens_dir_for(sample_data, "sample", Tokenizer(trained_demos["gpt_demo"]))
     meta = json.loads((tokens_dir / "meta.json").read_text())
     tokens = np.fromfile(tokens_dir / "validation.bin", dtype=np.uint16)
     loss, count = direct_loss(trained, tokens)
