@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import yaml
 from litgpt import GPT, Config, Tokenizer
 
+from tinystories_lab.data import TinyStories
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue, find
@@ -62,6 +63,21 @@ def load_trained(
     model.max_seq_length = hparams["train"].get("max_seq_length") or config.block_size
     model = model.to(dtype=dtype).eval()
     return TrainedModel(model, config, Tokenizer(checkpoint_dir), checkpoint_dir, hparams)
+
+
+def training_data(trained: TrainedModel) -> TinyStories:
+    """The TinyStories data module the model was trained on (named in its hyperparameters.yaml), connected
+    to its tokenizer: `.split("validation")` gives the validation tokens, checked against that tokenizer."""
+    data = trained.hparams.get("data") or {}
+    if not isinstance(data, dict) or data.get("class_path") != "tinystories_lab.data.TinyStories":
+        raise UserError(
+            f"{trained.checkpoint_dir} was not trained with tinystories_lab.data.TinyStories, so its "
+            "validation text is unknown here; evaluate it on a text file instead (TEXT=path)."
+        )
+    known = {f.name for f in fields(TinyStories) if f.init}
+    module = TinyStories(**{k: v for k, v in (data.get("init_args") or {}).items() if k in known})
+    module.connect(trained.tokenizer, max_seq_length=trained.max_seq_length)
+    return module
 
 
 def select_experiments(model: str | None = None, queues: list[Path] | None = None) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 import statistics
@@ -14,12 +13,17 @@ import torch
 from tqdm import tqdm
 
 from tinystories_lab.configs import architecture, count_parameters, format_table
-from tinystories_lab.data import TinyStories
 from tinystories_lab.data.sources import EOT, Separator, read_text_file
 from tinystories_lab.data.tokens import encode_stories, read_meta
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, read_curves
-from tinystories_lab.models import TrainedModel, final_checkpoint_dir, load_trained, select_experiments
+from tinystories_lab.models import (
+    TrainedModel,
+    final_checkpoint_dir,
+    load_trained,
+    select_experiments,
+    training_data,
+)
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
 
@@ -68,15 +72,7 @@ def text_tokens(
 
 def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, str]:
     """The run's own validation split (checked against its tokenizer), its byte count, and a description."""
-    data_cfg = trained.hparams["data"]
-    module, _, name = data_cfg["class_path"].rpartition(".")
-    data = getattr(importlib.import_module(module), name)(**data_cfg.get("init_args", {}))
-    if not isinstance(data, TinyStories):
-        raise UserError(
-            f"{trained.checkpoint_dir} was trained with {data_cfg['class_path']}, not this project's "
-            "TinyStories data module; evaluate it on a text file with TEXT=path."
-        )
-    data.connect(trained.tokenizer, batch_size=1, max_seq_length=trained.max_seq_length)
+    data = training_data(trained)
     tokens = data.split("validation")
     meta = read_meta(data.resolved_tokens_dir())
     return tokens, meta["splits"]["validation"]["bytes"], f"validation split of {data.source}"

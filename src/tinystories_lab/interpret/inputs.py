@@ -3,35 +3,18 @@ sequences, and printable token labels."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-from pathlib import Path
-
 import numpy as np
 import torch
 from litgpt import Tokenizer
 
-from tinystories_lab.data import TinyStories
 from tinystories_lab.data.datamodule import ValWindows
 from tinystories_lab.errors import UserError
-from tinystories_lab.models import TrainedModel
+from tinystories_lab.models import TrainedModel, training_data
 
 
 def validation_tokens(trained: TrainedModel) -> np.ndarray:
     """The validation split of the data the model was trained on (its `hyperparameters.yaml` names it)."""
-    data = trained.hparams.get("data") or {}
-    if not isinstance(data, dict) or data.get("class_path") != "tinystories_lab.data.TinyStories":
-        raise UserError(
-            f"{trained.checkpoint_dir} was not trained on tinystories_lab.data.TinyStories; the instruments "
-            "read their validation text from its token files."
-        )
-    known = {f.name for f in fields(TinyStories) if f.init}
-    args = {k: v for k, v in (data.get("init_args") or {}).items() if k in known}
-    for key in ("data_dir", "tokens_dir"):
-        if args.get(key) is not None:
-            args[key] = Path(args[key])
-    module = TinyStories(**args)
-    module.connect(trained.tokenizer)
-    return module.split("validation")  # refuses missing token files, naming the command that makes them
+    return training_data(trained).split("validation")  # refuses missing files, naming the command
 
 
 def validation_windows(tokens: np.ndarray, seq_len: int, n: int) -> torch.Tensor:
