@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -33,17 +34,9 @@ def draw_batches(cfg, n: int) -> tuple[list[torch.Tensor], float]:
     return batches, (time.perf_counter() - t0) / n
 
 
-def train(settings: dict) -> dict:
-    """Train `steps` optimizer steps after `warmup` ones; return tokens/s, loss and peak memory."""
-    cfg = parse_config(settings["config"], *settings["overrides"])
-    device = torch.device(settings["device"])
-    accum = cfg.train.gradient_accumulation_iters(devices=1, num_nodes=1)
-    warmup, steps = settings["warmup"], settings["steps"]
-    batches, data_seconds = draw_batches(cfg, (warmup + steps) * accum)
-    batches = [b.to(device) for b in batches]
-
-    # Initialised as `litgpt pretrain` does (seed, empty init, GPT-NeoX init), so both paths start equal.
-    L.seed_everything(cfg.seed, verbose=False)
+def build_model(cfg, device: torch.device) -> GPT:
+    """The config's GPT, initialised as `litgpt pretrain` does it (empty init, then GPT-NeoX init), so
+    that from the same seed both paths start from the same weights."""
     config = model_config(cfg)
     with torch.device("meta"):
         model = GPT(config)
@@ -54,6 +47,21 @@ def train(settings: dict) -> dict:
     if cfg.precision == "bf16-true":
         model = model.to(torch.bfloat16)
     model.max_seq_length = cfg.train.max_seq_length
+    return model
+
+
+def train(settings: dict) -> dict:
+    """Train `steps` optimizer steps after `warmup` ones; return tokens/s (from the median step time),
+    losses and peak memory."""
+    cfg = parse_config(settings["config"], *settings["overrides"])
+    device = torch.device(settings["device"])
+    accum = cfg.train.gradient_accumulation_iters(devices=1, num_nodes=1)
+    warmup, steps = settings["warmup"], settings["steps"]
+    batches, data_seconds = draw_batches(cfg, (warmup + steps) * accum)
+    batches = [b.to(device) for b in batches]
+
+    L.seed_everything(cfg.seed, verbose=False)
+    model = build_model(cfg, device)
     if settings["compile"]:
         model = torch.compile(model)
     optimizer = instantiate_torch_optimizer(cfg.optimizer, model.parameters(), fused=device.type == "cuda")
@@ -62,15 +70,14 @@ def train(settings: dict) -> dict:
         optimizer.defaults["lr"],
         cfg.train.max_tokens // (cfg.train.micro_batch_size * model.max_seq_length),
     )
-    warmup_iters = cfg.train.lr_warmup_steps * accum
+    warmup_iters = cfg.train.warmup_iters(devices=1, num_nodes=1, max_iters=max_iters, train_dataloader=None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    losses, it, t0 = [], 0, None
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
+    losses, times, it = [], [], 0
+    for _ in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
         for _ in range(accum):
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(lr, it, warmup_iters, max_iters, cfg.train.min_lr)
@@ -83,12 +90,11 @@ def train(settings: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # also synchronises, as LitGPT's logging does every step
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    tokens = steps * accum * cfg.train.micro_batch_size * cfg.train.max_seq_length
+        times.append(time.perf_counter() - t0)
+    step_seconds = statistics.median(times[warmup:])  # robust to a passing disturbance
     return {
-        "tokens_per_s": tokens / seconds,
-        "step_seconds": seconds / steps,
+        "tokens_per_s": accum * cfg.train.micro_batch_size * cfg.train.max_seq_length / step_seconds,
+        "step_seconds": step_seconds,
         "data_seconds_per_step": data_seconds * accum,
         "losses": losses,
         "peak_memory_gib": _peak_memory_gib(device),
@@ -107,4 +113,5 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")  # as the `litgpt` CLI sets it
     print(json.dumps(train(json.loads(sys.argv[1]))))

@@ -14,10 +14,12 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Literal
@@ -49,8 +51,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()) if Path(
-            "/proc/cpuinfo").exists() else None  # fmt: skip
+        model = (
+            re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+            if Path("/proc/cpuinfo").exists()
+            else None
+        )
         name = f"cpu {len(os.sched_getaffinity(0))}core {model.group(1) if model else platform.processor()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -81,32 +86,37 @@ def flops_per_token(cfg) -> float:
 def run_project(
     config: Path, overrides: list[str], steps: int, warmup: int, compile: bool, workdir: Path
 ) -> dict:
-    """`litgpt pretrain` for warmup + steps optimizer steps; speed from its CSV metrics."""
+    """`litgpt pretrain` for warmup + steps optimizer steps; speed from the median step time in its CSV
+    metrics (robust to a passing disturbance)."""
     cfg = parse_config(config, *overrides)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.max_seq_length
-    cmd = [
-        sys.executable, "-m", "litgpt", "pretrain", "--config", str(config), *overrides,
-        f"--out_dir={workdir}", "--devices=1", "--logger_name=csv",
-        f"--train.max_tokens={(warmup + steps) * tokens_per_step}", "--train.save_interval=null",
-        "--train.log_interval=1", "--eval.interval=1000000", "--eval.initial_validation=false",
+    cmd = [sys.executable, "-m", "litgpt", "pretrain", "--config", str(config), *overrides]
+    cmd += [
+        f"--out_dir={workdir}",
+        "--devices=1",
+        "--logger_name=csv",
+        "--train.save_interval=null",
+        "--train.log_interval=1",
+        "--eval.interval=1000000",
+        "--eval.initial_validation=false",
         "--eval.final_validation=false",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
-    if not compile:
-        env["TORCH_COMPILE_DISABLE"] = "1"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ]
+    proc = subprocess.Popen(
+        cmd, env=compile_env(compile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
     if status != 0:
         raise RuntimeError(f"litgpt pretrain failed:\n{output[-3000:]}")
     with open(next(workdir.glob("logs/csv/version_*/metrics.csv")), newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("loss")]
-    start, end = rows[warmup - 1], rows[-1]
-    seconds = float(end["time"]) - float(start["time"])
+    # `time` is the wall time since training started, logged after every optimizer step.
+    times = [float(r["time"]) for r in rows]
+    step_seconds = statistics.median(b - a for a, b in zip(times[warmup - 1 :], times[warmup:]))
     gpu = re.search(r"Memory Used\s*:\s*([\d.]+) GB", output)
     return {
-        "tokens_per_s": (int(end["total_tokens"]) - int(start["total_tokens"])) / seconds,
-        "step_seconds": seconds / steps,
+        "tokens_per_s": tokens_per_step / step_seconds,
+        "step_seconds": step_seconds,
         "losses": [float(r["loss"]) for r in rows],
         "peak_memory_gib": float(gpu.group(1)) * 1e9 / 2**30 if gpu else usage.ru_maxrss / 2**20,
     }
@@ -114,57 +124,91 @@ def run_project(
 
 def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compile: bool, device: str) -> dict:
     """The bare loop in a process of its own (so its peak memory is its own)."""
-    settings = {"config": str(config), "overrides": overrides, "steps": steps, "warmup": warmup,
-                "compile": compile, "device": device}  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
-    result = subprocess.run([sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)],
-                            capture_output=True, text=True, env=env)  # fmt: skip
+    settings = dict(
+        config=str(config), overrides=overrides, steps=steps, warmup=warmup, compile=compile, device=device
+    )
+    cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=compile_env(True))
     if result.returncode != 0:
         raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def compile_env(compile: bool) -> dict[str, str]:
+    """The environment for a child: LitGPT always compiles unless TORCH_COMPILE_DISABLE=1."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
+    return env if compile else env | {"TORCH_COMPILE_DISABLE": "1"}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s, noting every run's tokens/s."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return ranked[len(ranked) // 2] | {"tokens_per_s_runs": [r["tokens_per_s"] for r in runs]}
+
+
+@dataclass
+class Setting:
+    """What one benchmark row runs: a variant and the overrides of its config."""
+
+    model: str
+    precision: Precision | None = None
+    micro_batch_size: int | None = None
+    global_batch_size: int | None = None
+    compile: bool = True
+
+    def overrides(self, data_dir: Path) -> list[str]:
+        """`litgpt pretrain` arguments: the sample data, and the setting's changes to the config."""
+        args = [
+            "--data.init_args.source=sample",
+            f"--data.init_args.data_dir={data_dir}",
+            f"--tokenizer_dir={data_dir / 'tokenizers' / 'sample'}",
+        ]
+        if self.precision:
+            args.append(f"--precision={self.precision}")
+        if self.micro_batch_size:
+            args.append(f"--train.micro_batch_size={self.micro_batch_size}")
+        if self.global_batch_size or self.micro_batch_size:
+            args.append(f"--train.global_batch_size={self.global_batch_size or self.micro_batch_size}")
+        return args
+
+
 def bench_one(
-    model: str,
-    precision: Precision | None,
-    micro_batch_size: int | None,
-    global_batch_size: int | None,
+    setting: Setting,
     steps: int,
     warmup: int,
-    compile: bool,
+    repeats: int,
     data_dir: Path,
     device: torch.device,
     peaks: dict[str, float],
 ) -> dict:
-    """Both paths for one variant and setting, with tokens/s, their ratio, MFU, memory and data wait."""
-    config = resolve_config(model)
-    tokenizer_dir = data_dir / "tokenizers" / "sample"
-    if not tokenizer_dir.is_dir():
+    """Both paths for one setting: tokens/s, their ratio, MFU, peak memory and the data wait."""
+    config = resolve_config(setting.model)
+    if not (data_dir / "tokenizers" / "sample").is_dir():
         raise UserError(
-            f"No sample data in {data_dir}: benchmarks train on the bundled sample; run `make data-sample`."
+            f"No sample data in {data_dir}: benchmarks train on the sample; run `make data-sample`."
         )
-    overrides = ["--data.init_args.source=sample", f"--data.init_args.data_dir={data_dir}",
-                 f"--tokenizer_dir={tokenizer_dir}"]  # fmt: skip
-    if precision:
-        overrides.append(f"--precision={precision}")
-    if micro_batch_size:
-        overrides.append(f"--train.micro_batch_size={micro_batch_size}")
-    if global_batch_size or micro_batch_size:
-        overrides.append(f"--train.global_batch_size={global_batch_size or micro_batch_size}")
+    overrides = setting.overrides(data_dir)
     cfg = parse_config(config, *overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        project = run_project(config, overrides, steps, warmup, compile, Path(tmp))
-    bare = run_bare(config, overrides, steps, warmup, compile, device.type)
+    # A run of exactly warmup + steps optimizer steps, so both paths follow the same LR schedule.
+    overrides.append(
+        f"--train.max_tokens={(warmup + steps) * cfg.train.global_batch_size * cfg.train.max_seq_length}"
+    )
+    projects, bares = [], []
+    for _ in range(repeats):  # alternated, so a slow spell of the machine hits both paths alike
+        with tempfile.TemporaryDirectory() as tmp:
+            projects.append(run_project(config, overrides, steps, warmup, setting.compile, Path(tmp)))
+        bares.append(run_bare(config, overrides, steps, warmup, setting.compile, device.type))
+    project, bare = median_run(projects), median_run(bares)
     fpt = flops_per_token(cfg)
     peak = peaks["bf16" if cfg.precision.startswith("bf16") else "fp32"]
     return {
-        "model": model,
+        "model": setting.model,
         "config": str(config),
         "precision": cfg.precision,
         "micro_batch_size": cfg.train.micro_batch_size,
         "global_batch_size": cfg.train.global_batch_size,
         "seq_len": cfg.train.max_seq_length,
-        "compile": compile,
+        "compile": setting.compile,
         "parameters": count_parameters(model_config(cfg), cfg.train.tie_embeddings),
         "flops_per_token": fpt,
         "project": project | {"mfu": project["tokens_per_s"] * fpt / peak},
@@ -174,22 +218,40 @@ def bench_one(
     }
 
 
-def run_benchmarks(settings: list[dict], steps: int, warmup: int, data_dir: Path, device: str, out_dir: Path,
-                   kind: str) -> dict:  # fmt: skip
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
-                       else device)  # fmt: skip
+def run_benchmarks(
+    settings: list[Setting],
+    steps: int,
+    warmup: int,
+    repeats: int,
+    data_dir: Path,
+    device: str,
+    out_dir: Path,
+    name: str,
+) -> dict:
+    """Measure the device's peaks, then every setting; write <device>-<date>-<name>.json and .md."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     peaks = {"fp32": peak_flops(dev, torch.float32), "bf16": peak_flops(dev, torch.bfloat16)}
-    print(f"Device {device_name(dev)}: matmul peak {peaks['fp32'] / 1e9:,.0f} GFLOP/s fp32, "
-          f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s bf16")  # fmt: skip
+    fp32, bf16 = peaks["fp32"] / 1e9, peaks["bf16"] / 1e9
+    print(f"{device_name(dev)}: matmul peak {fp32:,.0f} GFLOP/s fp32, {bf16:,.0f} GFLOP/s bf16")
     results = []
-    for s in settings:
-        print(f"{s['model']}: {s}")
-        results.append(bench_one(**s, steps=steps, warmup=warmup, data_dir=data_dir, device=dev, peaks=peaks))
-    report = {"kind": kind, "device": device_name(dev), "date": date.today().isoformat(),
-              "torch": torch.__version__, "steps": steps, "warmup": warmup, "peak_flops": peaks,
-              "results": results}  # fmt: skip
+    for setting in settings:
+        print(f"Benchmarking {setting}")
+        results.append(bench_one(setting, steps, warmup, repeats, data_dir, dev, peaks))
+    report = {
+        "name": name,
+        "device": device_name(dev),
+        "date": date.today().isoformat(),
+        "torch": torch.__version__,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "peak_flops": peaks,
+        "results": results,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['device']}-{report['date']}" + ("" if kind == "bench" else f"-{kind}")
+    stem = f"{report['device']}-{report['date']}-{name}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = results_table(report)
     (out_dir / f"{stem}.md").write_text(table + "\n")
@@ -199,33 +261,54 @@ def run_benchmarks(settings: list[dict], steps: int, warmup: int, data_dir: Path
 
 
 def results_table(report: dict) -> str:
-    header = ["model", "precision", "micro", "compile", "project tok/s", "bare tok/s", "project/bare",
-              "MFU project", "MFU bare", "peak mem (GiB)", "data wait", "loss first -> last"]  # fmt: skip
-    rows = []
+    """The report as Markdown: one row per setting."""
+    header = [
+        "model",
+        "precision",
+        "micro",
+        "compile",
+        "project tok/s",
+        "bare tok/s",
+        "project/bare",
+        "MFU project",
+        "MFU bare",
+        "peak GiB project / bare",
+        "data wait",
+        "loss first -> last",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report["results"]:
         p, b = r["project"], r["bare"]
-        rows.append([
-            r["model"], r["precision"], r["micro_batch_size"], "yes" if r["compile"] else "no",
-            f"{p['tokens_per_s']:,.0f}", f"{b['tokens_per_s']:,.0f}", f"{r['ratio_project_over_bare']:.3f}",
-            f"{p['mfu']:.1%}", f"{b['mfu']:.1%}", f"{p['peak_memory_gib']:.2f} / {b['peak_memory_gib']:.2f}",
-            f"{r['data_wait_share']:.2%}", f"{p['losses'][0]:.3f} -> {p['losses'][-1]:.3f}",
-        ])  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        cells = [
+            r["model"],
+            r["precision"],
+            r["micro_batch_size"],
+            "yes" if r["compile"] else "no",
+            f"{p['tokens_per_s']:,.0f}",
+            f"{b['tokens_per_s']:,.0f}",
+            f"{r['ratio_project_over_bare']:.3f}",
+            f"{p['mfu']:.1%}",
+            f"{b['mfu']:.1%}",
+            f"{p['peak_memory_gib']:.2f} / {b['peak_memory_gib']:.2f}",
+            f"{r['data_wait_share']:.2%}",
+            f"{p['losses'][0]:.3f} -> {p['losses'][-1]:.3f}",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     peaks = report["peak_flops"]
-    return "\n".join([
-        f"Device: {report['device']}, torch {report['torch']}, {report['date']}; matmul peak "
-        f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:,.0f} GFLOP/s bf16; "
-        f"{report['steps']} timed steps after {report['warmup']} warm-up steps.",
-        "",
-        *lines,
-    ])  # fmt: skip
+    caption = (
+        f"Device: {report['device']}, torch {report['torch']}, {report['date']}. Matmul peak "
+        f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:,.0f} GFLOP/s bf16. "
+        f"Tokens/s from the median step time of {report['steps']} steps after {report['warmup']} warm-up "
+        f"steps; each path run {report['repeats']} time(s), alternated, the median run shown."
+    )
+    return "\n".join([caption, "", *lines])
 
 
 def bench(
     model: str = "gpt_demo,llama_demo",
     steps: int = 10,
     warmup: int = 3,
+    repeats: int = 1,
     precision: Precision | None = None,
     micro_batch_size: int | None = None,
     global_batch_size: int | None = None,
@@ -233,14 +316,17 @@ def bench(
     data_dir: Path = Path("data"),
     device: str = "auto",
     out_dir: Path = RESULTS_DIR,
+    name: str = "bench",
 ) -> dict:
     """Tokens/s of `litgpt pretrain` (this project's path) and of a bare loop, their ratio, MFU, peak
-    memory and the share of step time spent waiting for data; written to out_dir/<device>-<date>.json/.md.
+    memory and the share of step time spent waiting for data; written to out_dir/<device>-<date>-<name>.json
+    and .md.
 
     Args:
         model: Comma-separated experiment names (or config paths) to benchmark.
         steps: Optimizer steps timed, after the warm-up.
         warmup: Optimizer steps run first and not timed (they include torch.compile's compilation).
+        repeats: Runs of each path, alternated; the median counts.
         precision: Override the config's precision (32-true, bf16-mixed or bf16-true).
         micro_batch_size: Override the config's micro batch (also the global batch, unless given).
         global_batch_size: Override the config's global batch.
@@ -248,13 +334,10 @@ def bench(
         data_dir: Data folder holding the sample's tokenizer and token files (`make data-sample`).
         device: 'auto', 'cpu' or 'cuda'.
         out_dir: Where the results go.
+        name: Names the result files, e.g. "demo" or "6L".
     """
-    settings = [
-        {"model": m, "precision": precision, "micro_batch_size": micro_batch_size,
-         "global_batch_size": global_batch_size, "compile": compile}
-        for m in model.split(",")
-    ]  # fmt: skip
-    return run_benchmarks(settings, steps, warmup, data_dir, device, out_dir, kind="bench")
+    settings = [Setting(m, precision, micro_batch_size, global_batch_size, compile) for m in model.split(",")]
+    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name)
 
 
 def bench_sweep(
@@ -263,9 +346,11 @@ def bench_sweep(
     precisions: list[Precision] = ["32-true", "bf16-mixed", "bf16-true"],  # noqa: B006
     steps: int = 6,
     warmup: int = 3,
+    repeats: int = 1,
     data_dir: Path = Path("data"),
     device: str = "auto",
     out_dir: Path = RESULTS_DIR,
+    name: str = "sweep",
 ) -> dict:
     """Every precision x micro batch (global batch = micro batch), per variant; both paths each time.
 
@@ -275,12 +360,11 @@ def bench_sweep(
         precisions: Precisions to try.
         steps: Optimizer steps timed, after the warm-up.
         warmup: Optimizer steps run first and not timed.
+        repeats: Runs of each path, alternated; the median counts.
         data_dir: Data folder holding the sample's tokenizer and token files (`make data-sample`).
         device: 'auto', 'cpu' or 'cuda'.
-        out_dir: Where the results go (<device>-<date>-sweep.json/.md).
+        out_dir: Where the results go.
+        name: Names the result files: <device>-<date>-<name>.json and .md.
     """
-    settings = [
-        {"model": m, "precision": p, "micro_batch_size": mb, "global_batch_size": None, "compile": True}
-        for m in model.split(",") for mb in micro_batch_sizes for p in precisions
-    ]  # fmt: skip
-    return run_benchmarks(settings, steps, warmup, data_dir, device, out_dir, kind="sweep")
+    settings = [Setting(m, p, mb) for m in model.split(",") for mb in micro_batch_sizes for p in precisions]
+    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name)
