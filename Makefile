@@ -1,5 +1,6 @@
-# Thin wrappers: every target calls one `tinystories-lab` verb (see `make help`).
-# Variables map onto CLI flags: MODEL=, ARGS=, LOGGER=, TEXT=, VOCAB=, STEPS=, REPO=.
+# Thin wrappers: every target calls one `tinystories-lab` verb (`make help` lists them; the verbs'
+# own --help explains every option). Make variables map onto CLI flags: MODEL=, ARGS=, LOGGER=,
+# QUEUE=, TEXT=, STEPS=, REPO=, DEVICE=, ...
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,6 +10,9 @@ TORCH ?= torch>=2.7
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 LAB := $(BIN)/tinystories-lab
+
+MODEL ?=
+DATA_DIR ?= data
 VOCAB ?= 32000
 SAMPLE_VOCAB ?= 8192
 QUEUE ?= experiments.yaml
@@ -17,21 +21,25 @@ LOGGER ?=
 OPTIONAL ?=
 DELETE ?=
 TEXT ?=
-STEPS ?=
+GPT ?=
+LLAMA ?=
+DEVICE ?=
 REPO ?=
-DATA_DIR ?= data
+STEPS ?=
+PRECISION ?=
 BENCH_OUT ?= benchmarks/results
+
+RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
+DEMO_QUEUE = --queues [experiments.demo.yaml]
 BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) --data_dir $(DATA_DIR) \
 	--out_dir $(BENCH_OUT)
-DEMO_QUEUE := --queues [experiments.demo.yaml]
-RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint configs data data-sample bench-data list run-next run-specific run-all reset \
-	demo eval sample report bench bench-sweep export publish
+.PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset demo \
+	eval sample report interpret interpret-compare export publish bench bench-sweep bench-data
 
 help: ## List every target with one line each
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
 install: ## Create .venv and install the project (TORCH=torch==2.13.0 for the CPU wheel)
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +53,7 @@ lint: ## Check style with ruff
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
-configs: ## Print every config's shape and true parameter count
-	$(LAB) configs
+# Data and configs
 
 data: ## Download TinyStories, train the 32k tokenizer, write token files (VOCAB=32000)
 	$(LAB) data --source tinystories --vocab_size $(VOCAB) --data_dir $(DATA_DIR)
@@ -54,14 +61,10 @@ data: ## Download TinyStories, train the 32k tokenizer, write token files (VOCAB
 data-sample: ## Same for the bundled sample, offline (SAMPLE_VOCAB=8192)
 	$(LAB) data --source sample --vocab_size $(SAMPLE_VOCAB) --data_dir $(DATA_DIR)
 
-bench-data: ## Measure token-file encoding throughput, 1 thread vs all cores, on the sample
-	$(LAB) bench-data
+configs: ## Print every config's shape and true parameter count
+	$(LAB) configs
 
-bench: data-sample ## Tokens/s, MFU, memory: litgpt pretrain vs a bare loop (MODEL=a,b STEPS=)
-	$(LAB) bench $(BENCH_FLAGS)
-
-bench-sweep: data-sample ## Precision x micro batch sweep per variant on this device (MODEL=a,b STEPS=)
-	$(LAB) bench-sweep $(BENCH_FLAGS)
+# Training: the experiment queue
 
 list: ## Show every experiment: architecture, parameters, status, progress, last val loss
 	$(LAB) list
@@ -78,11 +81,15 @@ run-all: ## Train every todo experiment in order, past failures (ARGS=, LOGGER=,
 reset: ## Put MODEL back to todo; checkpoints kept unless DELETE=1
 	$(LAB) reset '$(MODEL)' --queue $(QUEUE) $(if $(DELETE),--delete_checkpoints true)
 
-demo: data-sample ## The offline demo: sample data, train the demo models, eval, samples, report
-	$(LAB) run-all --queue experiments.demo.yaml --args='$(ARGS)'
+demo: data-sample ## Offline demo: sample data, train both demo models (PRECISION=), eval, samples, interpret, report
+	precision=$(or $(PRECISION),$$($(LAB) precision)) && \
+		$(LAB) run-all --queue experiments.demo.yaml --args="--precision=$$precision $(ARGS)"
 	$(LAB) eval $(DEMO_QUEUE)
 	$(LAB) sample $(DEMO_QUEUE)
+	$(LAB) interpret-compare gpt_demo llama_demo $(DEMO_QUEUE)
 	$(LAB) report $(DEMO_QUEUE)
+
+# Evaluation and interpretability
 
 eval: ## Loss, perplexity, bits/byte of finished runs on the whole validation split (MODEL=, TEXT=)
 	$(LAB) eval $(if $(MODEL),--model '$(MODEL)') $(if $(TEXT),--text '$(TEXT)')
@@ -93,20 +100,27 @@ sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=)
 report: ## Compare every run in experiments/report/README.md with figures
 	$(LAB) report
 
+interpret: ## Attention, head scores, neurons, ablations, logit lens of MODEL -> its interp/ (DEVICE=)
+	$(LAB) interpret '$(MODEL)' $(if $(DEVICE),--device $(DEVICE))
+
+interpret-compare: ## GPT vs LLaMA page (GPT=gpt_6L_6H_288D LLAMA=llama_6L_6H_288D) in experiments/report/interp/
+	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(if $(DEVICE),--device $(DEVICE))
+
+# Release
+
 export: ## Export MODEL to experiments/tiny_stories/<name>/hf/ for transformers, with a parity check
 	$(LAB) export '$(MODEL)'
 
 publish: ## Upload MODEL's hf/ folder to the Hugging Face Hub: REPO=your-name/repo (needs a token)
 	$(LAB) publish '$(MODEL)' '$(REPO)'
 
-# Interpretability (GPT= and LLAMA= name the two experiments interpret-compare puts side by side)
-GPT ?=
-LLAMA ?=
-DEVICE ?=
-.PHONY: interpret interpret-compare
+# Benchmarks
 
-interpret: ## Attention, head scores, neurons, ablations, logit lens of MODEL -> its interp/ (DEVICE=cuda)
-	$(LAB) interpret '$(MODEL)' $(if $(DEVICE),--device $(DEVICE))
+bench: data-sample ## Tokens/s, MFU, memory: litgpt pretrain vs a bare loop (MODEL=a,b STEPS=)
+	$(LAB) bench $(BENCH_FLAGS)
 
-interpret-compare: ## GPT vs LLaMA page: GPT=gpt_6L_6H_288D LLAMA=llama_6L_6H_288D -> experiments/report/interp/
-	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(if $(DEVICE),--device $(DEVICE))
+bench-sweep: data-sample ## Precision x micro batch sweep per variant on this device (MODEL=a,b STEPS=)
+	$(LAB) bench-sweep $(BENCH_FLAGS)
+
+bench-data: ## Token-file encoding throughput, 1 thread vs all cores, on the sample
+	$(LAB) bench-data

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -40,3 +41,11 @@ def test_make_bench_reports_both_paths_ratio_and_mfu(sample_data, tmp_path):
     assert r["project"]["losses"] == pytest.approx(r["bare"]["losses"], abs=1e-3)
     assert len(r["project"]["losses"]) == 3 + 2  # warm-up and timed steps
     assert (tmp_path / path.name.replace(".json", ".md")).read_text().count("gpt_demo") == 1
+
+
+def test_precision_prints_one_choice_and_its_reason():
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "tinystories-lab"), "precision"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout in ("32-true\n", "bf16-mixed\n")
+    assert result.stderr.startswith(f"Training precision: {result.stdout.strip()} (")

@@ -7,6 +7,7 @@ import sys
 from jsonargparse import CLI, set_docstring_parse_options
 
 from tinystories_lab.bench.encoding import bench_data
+from tinystories_lab.bench.precision import precision
 from tinystories_lab.bench.training import bench, bench_sweep
 from tinystories_lab.configs import configs
 from tinystories_lab.data.prepare import prepare
@@ -34,6 +35,7 @@ COMMANDS = {
     "report": report,
     "bench": bench,
     "bench-sweep": bench_sweep,
+    "precision": precision,
     "export": export,
     "publish": publish,
     "interpret": interpret,

@@ -1,0 +1,34 @@
+"""`tinystories-lab precision`: the training precision to use on this machine, from a measurement."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from tinystories_lab.bench.training import peak_flops
+
+BF16_SPEEDUP = 2.0  # bf16 matmul / fp32 matmul rate above which bf16-mixed trains faster end to end
+
+
+def precision(device: str = "auto") -> str:
+    """Print the fastest stable training precision here: bf16-mixed where bf16 matrix products run at
+    least twice the fp32 rate (GPUs, CPUs with AVX512-BF16 or AMX), else 32-true.
+
+    `make demo` passes it to the demo runs; `make bench-sweep` shows the numbers behind the rule.
+
+    Args:
+        device: 'auto', 'cpu' or 'cuda'.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        choice, why = "32-true", "this GPU has no bf16"
+    else:
+        ratio = peak_flops(dev, torch.bfloat16, repeats=2) / peak_flops(dev, torch.float32, repeats=2)
+        choice = "bf16-mixed" if ratio >= BF16_SPEEDUP else "32-true"
+        why = f"bf16 matrix products run at {ratio:.1f}x the fp32 rate on this {dev.type}"
+    print(f"Training precision: {choice} ({why}).", file=sys.stderr)
+    print(choice)
+    return choice
