@@ -62,6 +62,7 @@ def device_name(device: torch.device) -> str:
 
 def peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
     """Best FLOP/s of a large square matrix product on the device (2048 on a CPU, 8192 on a GPU)."""
+    torch.set_float32_matmul_precision("high")  # as the `litgpt` CLI sets it for training (TF32 on a GPU)
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
