@@ -167,6 +167,29 @@ def test_reset_puts_back_to_todo_and_keeps_checkpoints_unless_asked(tmp_path, sa
     assert not (tmp_path / "runs" / "a").exists()
 
 
+def test_reset_deletes_only_a_run_folder(tmp_path, sample_data, capsys):
+    queue = write_queue(
+        tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "out_dir": str(tmp_path)}]
+    )
+    before = queue.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reset", "a", "--queue", str(queue), "--delete_checkpoints", "true"])
+    assert exit_info.value.code == 1 and "does not look like a run folder" in capsys.readouterr().err
+    assert queue.read_bytes() == before  # and the folder, queue included, is still there
+
+
+def test_an_outcome_is_recorded_though_another_entry_lost_its_config(tmp_path, sample_data):
+    from tinystories_lab.experiments.runner import _finish
+
+    b = {**entry("b", tmp_path, sample_data), "config": "config_hub/pretrain/tiny_stories/gone.yaml"}
+    queue = write_queue(tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "status": "running"}, b])
+    queue.chmod(0o664)  # a queue shared by a group stays readable by it
+    _finish(Queue(queue), "a", status="done", exit_code=0)
+    a = yaml.safe_load(queue.read_text())["experiments"][0]
+    assert a["status"] == "done" and a["exit_code"] == 0
+    assert queue.stat().st_mode & 0o777 == 0o664
+
+
 # The real thing.
 
 
@@ -270,9 +293,10 @@ def test_two_runners_started_together_train_different_experiments(tmp_path, samp
 
 
 @pytest.mark.slow
-def test_sigterm_stops_cleanly_and_puts_the_entry_back(tmp_path, sample_data):
+def test_sigterm_stops_cleanly_and_the_resume_keeps_the_run_arguments(tmp_path, sample_data):
     queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, steps=40)])
-    proc = runner("run-next", queue, wait=False)
+    max_tokens = f"--train.max_tokens={24 * TOKENS_PER_STEP}"  # replaces the entry's 40 steps
+    proc = runner("run-next", queue, f"--args={max_tokens}", "--logger=csv", wait=False)
     out = tmp_path / "runs" / "a"
     wait_for(lambda: (out / "step-00000004" / "lit_model.pth").is_file())
     proc.send_signal(signal.SIGTERM)
@@ -281,6 +305,11 @@ def test_sigterm_stops_cleanly_and_puts_the_entry_back(tmp_path, sample_data):
     assert not RunLock(out).is_held()  # LitGPT is gone too
     a = status(queue, "a")
     assert a["status"] == "todo" and "SIGTERM" in a["note"]
+    assert a["run_args"] == [max_tokens] and a["run_logger"] == "csv"
+    resumed = runner("run-next", queue)  # no arguments: the run's own come back, not the config's
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming with the arguments it started with: {max_tokens} --logger_name=csv" in resumed.stdout
+    assert status(queue, "a")["status"] == "done" and status(queue, "a")["last_step"] == 24
 
 
 @pytest.mark.slow

@@ -41,10 +41,9 @@ def parse_config(path: Path | str, *overrides: str) -> Namespace:
     parser = pretrain_parser()
     try:
         cfg = parser.parse_args(["--config", str(path), *overrides], _skip_validation=False)
-    except SystemExit:
-        raise UserError(
-            f"`litgpt pretrain` rejects config {path}; run `litgpt pretrain --config {path}` to see why."
-        ) from None
+    except SystemExit:  # jsonargparse has printed why
+        given = f" with {' '.join(overrides)}" if overrides else ""
+        raise UserError(f"`litgpt pretrain` rejects config {path}{given}: see the reason above.") from None
     return parser.instantiate_classes(cfg)
 
 

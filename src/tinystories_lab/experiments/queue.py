@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ ENVIRONMENTS = ("local",)  # a cluster scheduler (e.g. slurm) can be added here 
 REQUIRED = ("name", "config", "status")
 RUNNER_FIELDS = (
     "host", "pid", "attempts", "started_at", "finished_at", "last_step", "exit_code", "error", "log", "note",
+    "run_args", "run_logger",
 )  # fmt: skip
 
 _yaml = YAML()  # round-trip mode
@@ -43,13 +45,16 @@ class Queue:
         return self._read()["experiments"]
 
     @contextmanager
-    def edit(self) -> Iterator[list[dict]]:
-        """Lock the file, yield its entries for changes, and write them back atomically."""
+    def edit(self, check_configs: bool = True) -> Iterator[list[dict]]:
+        """Lock the file, yield its entries for changes, and write them back atomically.
+
+        `check_configs=False` lets the runner record an outcome even when, during a long run, someone
+        pointed another entry at a config that does not exist."""
         with self._lock:
             original = self._text()
-            doc = self._read(original)
+            doc = self._read(original, check_configs)
             yield doc["experiments"]
-            validate(doc["experiments"], self.path)
+            validate(doc["experiments"], self.path, check_configs)
             buffer = io.StringIO()
             _yaml.dump(doc, buffer)
             if buffer.getvalue() != original:
@@ -60,18 +65,18 @@ class Queue:
             raise UserError(f"Queue file {self.path} does not exist.")
         return self.path.read_text()
 
-    def _read(self, text: str | None = None) -> dict:
+    def _read(self, text: str | None = None, check_configs: bool = True) -> dict:
         try:
             doc = _yaml.load(self._text() if text is None else text)
         except YAMLError as e:
             raise UserError(f"{self.path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("experiments"), list):
             raise UserError(f"{self.path} must hold a mapping with a list under 'experiments:'.")
-        validate(doc["experiments"], self.path)
+        validate(doc["experiments"], self.path, check_configs)
         return doc
 
 
-def validate(entries: list, path: Path) -> None:
+def validate(entries: list, path: Path, check_configs: bool = True) -> None:
     """Refuse a queue a runner cannot act on safely, naming the entry and the fix."""
     seen = set()
     for i, entry in enumerate(entries):
@@ -100,7 +105,7 @@ def validate(entries: list, path: Path) -> None:
             value = entry.get(field, 1)
             if not (isinstance(value, int) and value >= 1):
                 raise UserError(f"{where}: {field} must be a positive integer, not {value!r}.")
-        if not Path(entry["config"]).is_file():
+        if check_configs and not Path(entry["config"]).is_file():
             raise UserError(f"{where} names config {entry['config']}, which does not exist.")
         if not isinstance(entry.get("out_dir", ""), str):
             raise UserError(f"{where}: out_dir must be a path.")
@@ -121,6 +126,8 @@ def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file in the same folder and rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     try:
+        if path.exists():  # keep the file's permissions (mkstemp makes it private to its owner)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -50,11 +50,14 @@ def is_runnable(entry: dict, include_optional: bool = False) -> bool:
 
 
 def claim(
-    queue: Queue, name: str | None, include_optional: bool, args: list[str]
+    queue: Queue, name: str | None, include_optional: bool, args: list[str], logger: Logger | None
 ) -> tuple[dict, RunLock] | None:
     """Under the queue lock, take the named (or next runnable) entry, check it can start, mark it running.
 
-    Nothing is written when the entry is unknown, done, running elsewhere, or not ready to start.
+    The extra arguments and logger a run starts with are recorded in its entry (`run_args`,
+    `run_logger`) and reused when it resumes without any, so a resumed run trains to the same
+    max_tokens and LR schedule. Nothing is written when the entry is unknown, done, running
+    elsewhere, or not ready to start.
     """
     with queue.edit() as entries:
         if name is not None:
@@ -70,8 +73,10 @@ def claim(
             lock = RunLock(out_dir_of(entry))
             if not lock.acquire():  # another runner got there first
                 continue
+            run_args = args or list(entry.get("run_args", []))
+            run_logger = logger or entry.get("run_logger")
             try:
-                check_ready(entry, args)
+                check_ready(entry, run_args)
             except BaseException:
                 lock.release()
                 raise
@@ -80,8 +85,15 @@ def claim(
                     f"{entry['name']} was left running by pid {entry.get('pid')} on {entry.get('host')}, "
                     "which is gone: resuming it."
                 )
-            for field in ("finished_at", "exit_code", "error", "note", "log"):
+            if (run_args and not args) or (run_logger and not logger):
+                shown = shlex.join(run_args + ([f"--logger_name={run_logger}"] if run_logger else []))
+                print(f"{entry['name']}: resuming with the arguments it started with: {shown}")
+            for field in ("finished_at", "exit_code", "error", "note", "log", "run_args", "run_logger"):
                 entry.pop(field, None)
+            if run_args:
+                entry["run_args"] = run_args
+            if run_logger:
+                entry["run_logger"] = run_logger
             entry.update(
                 status="running",
                 host=socket.gethostname(),
@@ -156,14 +168,22 @@ def child_env(logger: Logger | None, out_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_entry(queue: Queue, entry: dict, lock: RunLock, logger: Logger | None, args: list[str]) -> Outcome:
-    """Run one claimed entry to its end and record the outcome in the queue."""
+def run_entry(queue: Queue, entry: dict, lock: RunLock) -> Outcome:
+    """Run one claimed entry to its end and record the outcome in the queue; then release its lock."""
+    try:
+        return _run_and_record(queue, entry, lock)
+    finally:  # only now: until the outcome is written, no other runner may take the entry as stale
+        lock.release()
+
+
+def _run_and_record(queue: Queue, entry: dict, lock: RunLock) -> Outcome:
     name = entry["name"]
+    logger = entry.get("run_logger")
     out_dir = out_dir_of(entry)
     resume = choose_resume(out_dir)
     log_path = out_dir / "logs" / f"{datetime.now():%Y%m%d_%H%M%S}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = launch_command(entry, resume, logger, args)
+    cmd = launch_command(entry, resume, logger, list(entry.get("run_args", [])))
     with queue.edit() as entries:
         find(entries, name)["log"] = str(log_path)
 
@@ -193,7 +213,6 @@ def run_entry(queue: Queue, entry: dict, lock: RunLock, logger: Logger | None, a
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-    lock.release()
 
     if code < 0:  # killed by a signal (e.g. the kernel's OOM killer): report it as a shell would
         code = 128 - code
@@ -215,11 +234,18 @@ def run_entry(queue: Queue, entry: dict, lock: RunLock, logger: Logger | None, a
 
 
 def _finish(queue: Queue, name: str, status: str, **fields) -> None:
-    with queue.edit() as entries:
-        entry = find(entries, name)
-        entry["status"] = status
-        entry["finished_at"] = now()
-        entry.update({k: v for k, v in fields.items() if v is not None})
+    try:
+        with queue.edit(check_configs=False) as entries:
+            entry = find(entries, name)
+            entry["status"] = status
+            entry["finished_at"] = now()
+            entry.update({k: v for k, v in fields.items() if v is not None})
+    except UserError as e:  # the file was broken by hand during the run: say what could not be written
+        print(
+            f"Could not record that {name} is {status} in {queue.path}: {e}\n"
+            f"Fix the file, then set the status of {name} to {status} by hand.",
+            file=sys.stderr,
+        )
 
 
 def run_next(
@@ -275,31 +301,39 @@ def run_all(
     """
     q = Queue(queue)
     outcomes: list[Outcome] = []
-    while (outcome := _run_one(q, None, args, logger, include_optional)) is not None:
-        outcomes.append(outcome)
-        if outcome.status == "stopped":
-            break
+    try:
+        while (outcome := _run_one(q, None, args, logger, include_optional)) is not None:
+            outcomes.append(outcome)
+            if outcome.status == "stopped":
+                break
+    except UserError:  # the next entry cannot start: say what ran before the refusal
+        _print_outcomes(queue, outcomes)
+        raise
     if not outcomes:
         print(f"Nothing to run in {queue}.")
         return
-    print(f"\nrun-all on {queue}:")
-    for o in outcomes:
-        print(f"  {o.name}: {o.status}" + (f" (exit {o.code})" if o.code else ""))
+    _print_outcomes(queue, outcomes)
     if outcomes[-1].status == "stopped":
         sys.exit(outcomes[-1].code)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
 
+def _print_outcomes(queue: Path, outcomes: list[Outcome]) -> None:
+    if outcomes:
+        print(f"\nrun-all on {queue}:")
+        for o in outcomes:
+            print(f"  {o.name}: {o.status}" + (f" (exit {o.code})" if o.code else ""))
+
+
 def _run_one(
     queue: Queue, name: str | None, args: str, logger: Logger | None, include_optional: bool
 ) -> Outcome | None:
-    extra = shlex.split(args)
-    claimed = claim(queue, name, include_optional, extra)
+    claimed = claim(queue, name, include_optional, shlex.split(args), logger)
     if claimed is None:
         return None
     entry, lock = claimed
-    return run_entry(queue, entry, lock, logger, extra)
+    return run_entry(queue, entry, lock)
 
 
 def reset(model: str, queue: Path = Path("experiments.yaml"), delete_checkpoints: bool = False) -> None:
@@ -323,6 +357,12 @@ def reset(model: str, queue: Path = Path("experiments.yaml"), delete_checkpoints
         for field in RUNNER_FIELDS:
             entry.pop(field, None)
         if delete_checkpoints and out_dir.exists():
+            if not any((out_dir / p).exists() for p in ("runner.lock", "logs", "final")) and not any(
+                out_dir.glob("step-*")
+            ):
+                raise UserError(
+                    f"{out_dir} does not look like a run folder; delete it by hand if you mean it."
+                )
             shutil.rmtree(out_dir)
             print(f"Deleted {out_dir}.")
     kept = "" if delete_checkpoints else " (checkpoints kept: the next run resumes from them)"
