@@ -55,6 +55,18 @@ def test_local_text_source_with_either_separator(tmp_path):
         assert meta["splits"]["validation"]["stories"] == 3
 
 
+def test_two_local_folders_of_one_name_never_share_files(tmp_path):
+    made = []
+    for parent, story in (("a", "Tom saw a dog."), ("b", "Sue had a red ball.")):
+        folder = tmp_path / parent / "stories"
+        folder.mkdir(parents=True)
+        for split in ("train", "validation"):
+            (folder / f"{split}.txt").write_text("\n<|endoftext|>\n".join([story] * 30) + "\n")
+        made.append(prepare(source=str(folder), data_dir=tmp_path / "data", vocab_size=300))
+    assert made[0] != made[1] and len(list((tmp_path / "data" / "tokenizers").iterdir())) == 2
+    assert [read_meta(d)["splits"]["train"]["bytes"] for d in made] == [30 * 14, 30 * 19]
+
+
 def test_missing_or_empty_text_is_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_text_file(tmp_path / "nope.txt")

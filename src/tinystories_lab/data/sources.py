@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Literal
@@ -42,8 +43,12 @@ def read_text_file(path: Path, separator: Separator = "eot") -> list[str]:
 
 
 def source_name(source: str) -> str:
-    """A short name for a source, used in folder names: 'tinystories', 'sample', or the folder's name."""
-    return source if source in ("tinystories", "sample") else Path(source).resolve().name
+    """A short name for a source, used in folder names: 'tinystories', 'sample', or for a local folder
+    its name and a hash of its path, so two folders called `stories` never share tokenizers or tokens."""
+    if source in ("tinystories", "sample"):
+        return source
+    path = Path(source).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def load_split(
