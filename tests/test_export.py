@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,9 +93,13 @@ def test_baselines_keep_what_sets_them_apart():
         (tiny(n_query_groups=2), "grouped-query"),
         (tiny(mlp_class_name="LLaMAMLP", norm_class_name="LayerNorm"), "RMSNorm"),
         (tiny(mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", parallel_residual=True), "parallel"),
+        (
+            tiny(mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", rotary_percentage=0.5),
+            "rotary_percentage",
+        ),
         (tiny(attention_logit_softcapping=30.0), "softcapping"),
     ],
-    ids=["neox-gqa", "llama-layernorm", "llama-parallel", "softcapping"],
+    ids=["neox-gqa", "llama-layernorm", "llama-parallel", "llama-partial-rope", "softcapping"],
 )
 def test_what_transformers_cannot_represent_is_refused(config, reason):
     with pytest.raises(UserError, match=reason):
@@ -277,7 +282,14 @@ def test_model_card_shows_evaluation_and_samples_when_present(exported, trained_
         "(no prompt, from BOS alone; seed 2, 4 new tokens, cut at the token limit)",
     ):  # fmt: skip
         assert text in card
-    assert "Not evaluated yet" not in card and "None yet" not in card
+    assert "Not evaluated" not in card and "None (since" not in card
+    # Results from before the run was extended (its final checkpoint is newer) are not shown as current.
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "lit_model.pth").write_bytes(b"")
+    os.utime(tmp_path / "final" / "lit_model.pth", (time.time() + 60,) * 2)
+    card = model_card(load_trained(trained_demos["gpt_demo"]), cfg, parity, run_dir=tmp_path)
+    assert "Not evaluated (since its final checkpoint): run `make eval MODEL=gpt_demo`" in card
+    assert "None (since its final checkpoint): run `make sample MODEL=gpt_demo`" in card
 
 
 @pytest.mark.slow

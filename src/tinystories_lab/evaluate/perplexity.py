@@ -79,7 +79,7 @@ def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, str]:
 
 
 def training_summary(out_dir: Path, hparams: dict, thresholds: list[float]) -> dict:
-    """Throughput, wall time and convergence speed from the run's CSV metrics."""
+    """Throughput, training-loop time and convergence speed from the run's CSV metrics."""
     rates, wall = [], 0.0
     devices = hparams.get("devices", 1)
     world = (devices if isinstance(devices, int) else 1) * hparams.get("num_nodes", 1)
@@ -149,7 +149,7 @@ def evaluate(
 
     Loss and perplexity cover the whole validation split (every token predicted once); bits per byte
     divides the total loss in bits by the UTF-8 bytes of the evaluated stories, so it compares across
-    tokenizers. Training throughput, wall time and the tokens needed to first reach a few validation
+    tokenizers. Training throughput, training-loop time and the tokens needed to first reach a few validation
     losses come from the run's metrics.
 
     Args:
@@ -173,7 +173,7 @@ def evaluate(
         name = "eval.json" if text is None else f"eval-{text.stem}.json"
         (checkpoint_dir.parent / name).write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
-    header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "wall time"]
+    header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "train time"]
     rows = [
         [r["name"], f"{r['parameters'] / 1e6:.1f}M", r["eval_text"], f"{r['tokens_evaluated']:,}",
          f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",

@@ -14,7 +14,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
 from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue
-from tinystories_lab.experiments.runs import Point, final_checkpoint, out_dir_of, read_curves
+from tinystories_lab.experiments.runs import Point, final_checkpoint, is_current, out_dir_of, read_curves
 
 REPORT_DIR = Path("experiments/report")
 ANCHORS = Path(__file__).with_name("anchors.yaml")
@@ -23,8 +23,9 @@ RESULTS_NOTE = (
     "Validation loss and perplexity cover every token of each run's validation split once (windows "
     "of the run's context, stride = context); bits per byte = total loss in bits / UTF-8 bytes of "
     "the evaluated stories, comparable across tokenizers. Throughput is the median of LitGPT's "
-    'logged tokens/s; wall time sums the training sessions. "Tokens to X" is the first validation '
-    "point at or below loss X (validation runs every `eval.interval` steps: an upper bound)."
+    "logged tokens/s; train time is the training loop's time as LitGPT logs it (no setup, final "
+    'validation or saving), summed over sessions. "Tokens to X" is the first validation point at or '
+    "below loss X (validation runs every `eval.interval` steps: an upper bound)."
 )
 SAMPLES_NOTE = "Same prompts, seeds, temperature and top-k for both; **[EOS]** marks a story the model ended."
 REFERENCE_NOTE = (
@@ -76,7 +77,7 @@ def load_runs(queues: list[Path]) -> list[Run]:
                 val=val,
             )
             for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
-                if (out_dir / name).is_file():
+                if is_current(out_dir / name, out_dir):  # not from before the run was extended
                     setattr(run, attr, json.loads((out_dir / name).read_text()))
             runs.append(run)
     return runs
@@ -218,7 +219,7 @@ def results_table(evaluated: list[Run], thresholds: list[str]) -> list[str]:
         "perplexity",
         "bits/byte",
         "train tok/s",
-        "wall time",
+        "train time",
     ] + [f"tokens to {t}" for t in thresholds]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in evaluated:
@@ -285,7 +286,7 @@ def pending_section(pending: list[Run]) -> list[str]:
         elif not r.finished:
             why = "unfinished"
         else:
-            why = "not evaluated: `make eval`"
+            why = "not evaluated (since its final checkpoint): `make eval`"
         lines.append(f"| `{r.name}` | {r.entry['status']} | {why} |")
     return lines + [""]
 

@@ -26,11 +26,12 @@ def sample_story(
 ) -> dict:
     """One story: [BOS] prompt, then sampled tokens until EOS or the length limit."""
     tokenizer = trained.tokenizer
-    ids = tokenizer.encode(prompt, bos=True)
+    device = trained.model.lm_head.weight.device
+    ids = tokenizer.encode(prompt, device=device, bos=True)
     room = trained.max_seq_length - len(ids)
     if room < 1:
         raise UserError(f"The prompt {prompt!r} fills the model's whole context of {trained.max_seq_length}.")
-    trained.model.set_kv_cache(batch_size=1)
+    trained.model.set_kv_cache(batch_size=1, device=device)
     torch.manual_seed(seed)
     out = generate(
         trained.model, ids, len(ids) + min(max_new_tokens, room),

@@ -73,6 +73,13 @@ def final_checkpoint(out_dir: Path) -> Checkpoint | None:
     return Checkpoint(path) if path.is_file() else None
 
 
+def is_current(result: Path, out_dir: Path) -> bool:
+    """Whether a file made from a run's final checkpoint (eval.json, samples.json, interp results) exists
+    and is newer than that checkpoint: a run extended since has to be evaluated again."""
+    final = out_dir / "final" / "lit_model.pth"
+    return result.is_file() and (not final.is_file() or result.stat().st_mtime >= final.stat().st_mtime)
+
+
 def newest_checkpoint(out_dir: Path) -> Checkpoint | None:
     """`final` if training finished, else the newest step checkpoint."""
     steps = step_checkpoints(out_dir)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tinystories_lab.configs import count_parameters
-from tinystories_lab.experiments.runs import Checkpoint
+from tinystories_lab.experiments.runs import Checkpoint, is_current
 from tinystories_lab.export.parity import Parity
 from tinystories_lab.models import TrainedModel
 
@@ -118,8 +118,8 @@ def _training(trained: TrainedModel) -> str:
 
 
 def _evaluation(path: Path, name: str) -> str:
-    if not path.is_file():
-        return f"Not evaluated yet: run `make eval MODEL={name}`, then export again."
+    if not is_current(path, path.parent):
+        return f"Not evaluated (since its final checkpoint): run `make eval MODEL={name}`, then export again."
     e = json.loads(path.read_text())
     rows = [
         ("evaluated checkpoint", f"`{e['checkpoint']}`"),
@@ -141,8 +141,8 @@ def _evaluation(path: Path, name: str) -> str:
 
 
 def _samples(path: Path, name: str) -> str:
-    if not path.is_file():
-        return f"None yet: run `make sample MODEL={name}`, then export again."
+    if not is_current(path, path.parent):
+        return f"None (since its final checkpoint): run `make sample MODEL={name}`, then export again."
     s = json.loads(path.read_text())
     top_k = f"top-k {s['top_k']}" if s["top_k"] else "no top-k"
     parts = [

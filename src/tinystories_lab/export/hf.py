@@ -53,6 +53,8 @@ def unsupported(config: Config) -> list[str]:
             reasons.append("Llama has no parallel residual")
         if config.bias or config.attn_bias:
             reasons.append("LitGPT's Llama weight mapping has no biases")
+        if config.rotary_percentage != 1.0:
+            reasons.append("Llama rotates whole heads (rotary_percentage must be 1.0)")
     defaults = Config()
     reasons += [
         f"{o}={getattr(config, o)}" for o in UNMAPPED_OPTIONS if getattr(config, o) != getattr(defaults, o)

@@ -160,7 +160,8 @@ def write_comparison(dirs: dict[str, Path], out_dir: Path) -> Path:
         "",
         "## Ablations",
         "",
-        "Validation loss change when one head is set to zero or to its mean output.",
+        "Validation loss change when one component (a head, an MLP or a neuron) is set to zero or to its "
+        "mean output; the maps show the heads.",
         "",
         f"![head ablations]({stem}-ablation.png)",
         "",

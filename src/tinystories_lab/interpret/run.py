@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from tinystories_lab.configs import architecture
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.runs import out_dir_of
+from tinystories_lab.experiments.runs import is_current, out_dir_of
 from tinystories_lab.interpret import pages
 from tinystories_lab.interpret.ablation import (
     ablation_effects,
@@ -183,8 +183,8 @@ def interpret_compare(
 ) -> Path:
     """Put two models (a GPT and a LLaMA of one size) side by side: head scores, ablations, logit lens.
 
-    Writes <out_dir>/<gpt>-vs-<llama>.md with its PNGs next to it. A model without interpret results gets
-    them first, with the default settings.
+    Writes <out_dir>/<gpt>-vs-<llama>.md with its PNGs next to it. A model without interpret results, or
+    whose results predate its final checkpoint, gets them first, with the default settings.
 
     Args:
         gpt: The first experiment (normally the GPT-style one).
@@ -196,8 +196,8 @@ def interpret_compare(
     dirs = {}
     for name in (gpt, llama):
         folder = interp_dir(name, queues)
-        if not (folder / "summary.json").is_file():
-            print(f"{name} has no interpret results in {folder}; running `interpret {name}` first.")
+        if not is_current(folder / "summary.json", folder.parent):
+            print(f"{name} has no interpret results of its final checkpoint: running `interpret {name}`.")
             interpret(name, device=device, queues=queues)
         dirs[name] = folder
     page = pages.write_comparison(dirs, out_dir)
