@@ -24,7 +24,7 @@ def precision(device: str = "auto") -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":  # the configs' own choice for GPUs; no measurement needed
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 is slow
         choice, why = ("bf16-mixed", "this GPU has bf16") if bf16 else ("32-true", "this GPU has no bf16")
     else:
         ratio = peak_flops(dev, torch.bfloat16, repeats=2) / peak_flops(dev, torch.float32, repeats=2)

@@ -85,7 +85,7 @@ def flops_per_token(cfg) -> float:
 
 
 def run_project(
-    config: Path, overrides: list[str], steps: int, warmup: int, compile: bool, workdir: Path
+    config: Path, overrides: list[str], warmup: int, compile: bool, device: str, workdir: Path
 ) -> dict:
     """`litgpt pretrain` for warmup + steps optimizer steps; speed from the median step time in its CSV
     metrics (robust to a passing disturbance)."""
@@ -103,7 +103,7 @@ def run_project(
         "--eval.final_validation=false",
     ]
     proc = subprocess.Popen(
-        cmd, env=compile_env(compile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, env=child_env(compile, device), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
@@ -129,16 +129,21 @@ def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compil
         config=str(config), overrides=overrides, steps=steps, warmup=warmup, compile=compile, device=device
     )
     cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=compile_env(True))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=child_env(True, device))
     if result.returncode != 0:
         raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def compile_env(compile: bool) -> dict[str, str]:
-    """The environment for a child: LitGPT always compiles unless TORCH_COMPILE_DISABLE=1."""
+def child_env(compile: bool, device: str) -> dict[str, str]:
+    """The environment for a child: LitGPT always compiles unless TORCH_COMPILE_DISABLE=1, and picks a
+    GPU whenever it sees one, so a CPU benchmark hides them."""
     env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
-    return env if compile else env | {"TORCH_COMPILE_DISABLE": "1"}
+    if not compile:
+        env["TORCH_COMPILE_DISABLE"] = "1"
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -197,7 +202,7 @@ def bench_one(
     projects, bares = [], []
     for _ in range(repeats):  # alternated, so a slow spell of the machine hits both paths alike
         with tempfile.TemporaryDirectory() as tmp:
-            projects.append(run_project(config, overrides, steps, warmup, setting.compile, Path(tmp)))
+            projects.append(run_project(config, overrides, warmup, setting.compile, device.type, Path(tmp)))
         bares.append(run_bare(config, overrides, steps, warmup, setting.compile, device.type))
     project, bare = median_run(projects), median_run(bares)
     fpt = flops_per_token(cfg)
@@ -230,6 +235,8 @@ def run_benchmarks(
     name: str,
 ) -> dict:
     """Measure the device's peaks, then every setting; write <device>-<date>-<name>.json and .md."""
+    if steps < 1 or warmup < 1:
+        raise UserError("Benchmarks need steps >= 1 and warmup >= 1 (the first step's time includes setup).")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
