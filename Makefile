@@ -1,6 +1,7 @@
 # Thin wrappers: every target calls one `tinystories-lab` verb (`make help` lists them; the verbs'
 # own --help explains every option). Make variables map onto CLI flags: MODEL=, ARGS=, LOGGER=,
-# QUEUE=, TEXT=, STEPS=, REPO=, DEVICE=, ...
+# QUEUE=, TEXT=, STEPS=, REPO=, DEVICE=, ... DATA_DIR= is where data, data-sample and the benchmarks
+# read and write; the configs themselves read data/ (override with ARGS="--data.init_args.data_dir=...").
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,9 +31,10 @@ PRECISION ?=
 BENCH_OUT ?= benchmarks/results
 
 RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
-DEMO_QUEUE = --queues [experiments.demo.yaml]
+DEMO_QUEUE = --queues '[experiments.demo.yaml]'
+DEVICE_FLAG = $(if $(DEVICE),--device $(DEVICE))
 BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) --data_dir $(DATA_DIR) \
-	--out_dir $(BENCH_OUT)
+	--out_dir $(BENCH_OUT) $(DEVICE_FLAG)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset demo \
@@ -66,8 +68,8 @@ configs: ## Print every config's shape and true parameter count
 
 # Training: the experiment queue
 
-list: ## Show every experiment: architecture, parameters, status, progress, last val loss
-	$(LAB) list
+list: ## Show every experiment: architecture, parameters, status, progress, last val loss (QUEUE=)
+	$(LAB) list $(if $(filter-out file,$(origin QUEUE)),--queues '[$(QUEUE)]')
 
 run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS=, LOGGER=, OPTIONAL=1)
 	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
@@ -83,7 +85,7 @@ reset: ## Put MODEL back to todo; checkpoints kept unless DELETE=1
 
 demo: data-sample ## Offline demo: sample data, train both demo models (PRECISION=), eval, samples, interpret, report
 	precision=$(or $(PRECISION),$$($(LAB) precision)) && \
-		$(LAB) run-all --queue experiments.demo.yaml --args="--precision=$$precision $(ARGS)"
+		$(LAB) run-all --queue experiments.demo.yaml --args="--precision=$$precision "'$(ARGS)'
 	$(LAB) eval $(DEMO_QUEUE)
 	$(LAB) sample $(DEMO_QUEUE)
 	$(LAB) interpret-compare gpt_demo llama_demo $(DEMO_QUEUE)
@@ -91,20 +93,20 @@ demo: data-sample ## Offline demo: sample data, train both demo models (PRECISIO
 
 # Evaluation and interpretability
 
-eval: ## Loss, perplexity, bits/byte of finished runs on the whole validation split (MODEL=, TEXT=)
-	$(LAB) eval $(if $(MODEL),--model '$(MODEL)') $(if $(TEXT),--text '$(TEXT)')
+eval: ## Loss, perplexity, bits/byte of finished runs on the whole validation split (MODEL=, TEXT=, DEVICE=)
+	$(LAB) eval $(if $(MODEL),--model '$(MODEL)') $(if $(TEXT),--text '$(TEXT)') $(DEVICE_FLAG)
 
-sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=)
-	$(LAB) sample $(if $(MODEL),--model '$(MODEL)')
+sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=, DEVICE=)
+	$(LAB) sample $(if $(MODEL),--model '$(MODEL)') $(DEVICE_FLAG)
 
 report: ## Compare every run in experiments/report/README.md with figures
 	$(LAB) report
 
 interpret: ## Attention, head scores, neurons, ablations, logit lens of MODEL -> its interp/ (DEVICE=)
-	$(LAB) interpret '$(MODEL)' $(if $(DEVICE),--device $(DEVICE))
+	$(LAB) interpret '$(MODEL)' $(DEVICE_FLAG)
 
-interpret-compare: ## GPT vs LLaMA page (GPT=gpt_6L_6H_288D LLAMA=llama_6L_6H_288D) in experiments/report/interp/
-	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(if $(DEVICE),--device $(DEVICE))
+interpret-compare: ## GPT vs LLaMA page in experiments/report/interp/ (GPT=, LLAMA=: two experiment names)
+	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(DEVICE_FLAG)
 
 # Release
 
@@ -116,10 +118,10 @@ publish: ## Upload MODEL's hf/ folder to the Hugging Face Hub: REPO=your-name/re
 
 # Benchmarks
 
-bench: data-sample ## Tokens/s, MFU, memory: litgpt pretrain vs a bare loop (MODEL=a,b STEPS=)
-	$(LAB) bench $(BENCH_FLAGS)
+bench: data-sample ## Tokens/s, MFU, memory: litgpt pretrain vs a bare loop (MODEL=a,b STEPS= PRECISION= DEVICE=)
+	$(LAB) bench $(BENCH_FLAGS) $(if $(PRECISION),--precision $(PRECISION))
 
-bench-sweep: data-sample ## Precision x micro batch sweep per variant on this device (MODEL=a,b STEPS=)
+bench-sweep: data-sample ## Precision x micro batch sweep per variant on this device (MODEL=a,b STEPS= DEVICE=)
 	$(LAB) bench-sweep $(BENCH_FLAGS)
 
 bench-data: ## Token-file encoding throughput, 1 thread vs all cores, on the sample
