@@ -166,7 +166,9 @@ def test_rerunning_is_a_no_op_and_another_tokenizer_gets_its_own_folder(sample_d
     tokens_dir = tokens_dir_for(sample_data, "sample", sample_tokenizer(sample_data))
     mtimes = {p.name: p.stat().st_mtime_ns for p in tokens_dir.iterdir()}
     assert prepare(source="sample", data_dir=sample_data) == tokens_dir
-    assert "up to date" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "up to date" in out
+    assert "its vocabulary is 8,192; --vocab_size 32,000 applies only to a new tokenizer" in out
     assert {p.name: p.stat().st_mtime_ns for p in tokens_dir.iterdir()} == mtimes
     other = prepare(source="sample", data_dir=sample_data, tokenizer_dir=tmp_path / "small", vocab_size=1000)
     assert other != tokens_dir and other.parent == tokens_dir.parent

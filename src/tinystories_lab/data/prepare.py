@@ -41,12 +41,18 @@ def prepare(
     splits = {split: load_split(source, split, data_dir, separator) for split in SPLITS}
     for split, stories in splits.items():
         print(f"{split}: {len(stories):,} stories from {source}")
-    if is_tokenizer_dir(tokenizer_dir):
+    reused = is_tokenizer_dir(tokenizer_dir)
+    if reused:
         print(f"Using the tokenizer in {tokenizer_dir}")
     else:
         print(f"Training a {vocab_size:,}-token BPE tokenizer on {name} -> {tokenizer_dir}")
         train_tokenizer(splits["train"], tokenizer_dir, vocab_size, tokenizer_max_chars, seed)
     tokenizer = load_tokenizer(tokenizer_dir)
+    if reused and tokenizer.vocab_size != vocab_size:
+        print(
+            f"Note: its vocabulary is {tokenizer.vocab_size:,}; --vocab_size {vocab_size:,} applies only to "
+            "a new tokenizer (pass another --tokenizer_dir, or delete this one, to train it)."
+        )
     tokens_dir = tokens_dir_for(data_dir, name, tokenizer)
     write_tokens(tokenizer, splits, tokens_dir, threads)
     print(
