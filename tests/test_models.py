@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.models import load_trained
+from tinystories_lab.models import load_trained, select_experiments
 
 
 @pytest.mark.slow
@@ -30,3 +30,17 @@ def test_load_trained_ties_embeddings_and_reproduces_the_logged_validation_loss(
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="No checkpoint in"):
         load_trained(tmp_path)
+
+
+def test_no_finished_experiment_is_a_clear_error(tmp_path):
+    from tinystories_lab.cli import main
+
+    queue = tmp_path / "q.yaml"
+    config = "config_hub/pretrain/tiny_stories/demo/gpt_demo.yaml"
+    queue.write_text(f"experiments:\n  - {{name: a, config: {config}, status: todo}}\n")
+    for verb in ("eval", "sample"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, "--queues", f"[{queue}]"])
+        assert exit_info.value.code == 1
+    with pytest.raises(UserError, match=f"No finished experiment in {queue}: train one first"):
+        select_experiments(queues=[queue])

@@ -81,12 +81,19 @@ def training_data(trained: TrainedModel) -> TinyStories:
 
 
 def select_experiments(model: str | None = None, queues: list[Path] | None = None) -> list[dict]:
-    """The entry called `model` in the queues (refusing unknown names), or every `done` entry."""
+    """The entry called `model` in the queues (refusing unknown names), or every `done` entry (refusing
+    none)."""
     queues = [q for q in (queues or DEFAULT_QUEUES) if q.is_file() or queues]
     entries = [e for q in queues for e in Queue(q).load()]
     if model is not None:
         return [find(entries, model)]
-    return [e for e in entries if e["status"] == "done"]
+    done = [e for e in entries if e["status"] == "done"]
+    if not done:
+        raise UserError(
+            f"No finished experiment in {', '.join(map(str, queues))}: train one first "
+            "(`make run-next` or `make demo`)."
+        )
+    return done
 
 
 def final_checkpoint_dir(entry: dict) -> Path:

@@ -162,10 +162,6 @@ def evaluate(
         device: 'cpu' or 'cuda'.
     """
     entries = select_experiments(model, queues)
-    if not entries:
-        raise UserError(
-            "No finished experiment to evaluate: train one first (`make run-next` or `make demo`)."
-        )
     results = []
     for entry in entries:
         checkpoint_dir = final_checkpoint_dir(entry)

@@ -88,10 +88,6 @@ def sample(
         device: 'cpu' or 'cuda'.
     """
     entries = select_experiments(model, queues)
-    if not entries:
-        raise UserError(
-            "No finished experiment to sample from: train one first (`make run-next` or `make demo`)."
-        )
     results = []
     for entry in entries:
         checkpoint_dir = final_checkpoint_dir(entry)
