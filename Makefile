@@ -21,6 +21,9 @@ ARGS ?=
 LOGGER ?=
 OPTIONAL ?=
 DELETE ?=
+RESTART ?=
+WAIT ?=
+MICRO ?=
 TEXT ?=
 GPT ?=
 LLAMA ?=
@@ -30,15 +33,16 @@ STEPS ?=
 PRECISION ?=
 BENCH_OUT ?= benchmarks/results
 
-RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
+RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) \
+	$(if $(MICRO),--micro_batch_size $(MICRO))
 DEMO_QUEUE = --queues '[experiments.demo.yaml]'
 DEVICE_FLAG = $(if $(DEVICE),--device $(DEVICE))
 BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) --data_dir $(DATA_DIR) \
 	--out_dir $(BENCH_OUT) $(DEVICE_FLAG)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset demo \
-	eval sample report interpret interpret-compare export publish bench bench-sweep bench-data
+.PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo \
+	eval sample report interpret interpret-compare export publish bench bench-sweep bench-data step-memory
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -71,17 +75,26 @@ configs: ## Print every config's shape and true parameter count
 list: ## Show every experiment: architecture, parameters, status, progress, last val loss (QUEUE=)
 	$(LAB) list $(if $(filter-out file,$(origin QUEUE)),--queues '[$(QUEUE)]')
 
-run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS=, LOGGER=, OPTIONAL=1)
-	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
+run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS=, LOGGER=, OPTIONAL=1, RESTART=1, WAIT=1)
+	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true) $(if $(RESTART),--restart true)
 
-run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (ARGS=, LOGGER=)
-	$(LAB) run-specific '$(MODEL)' $(RUN_FLAGS)
+run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (ARGS=, LOGGER=, RESTART=1, WAIT=1)
+	$(LAB) run-specific '$(MODEL)' $(RUN_FLAGS) $(if $(RESTART),--restart true)
 
-run-all: ## Train every todo experiment in order, past failures (ARGS=, LOGGER=, OPTIONAL=1)
+run-all: ## Train every todo experiment in order, past failures (ARGS=, LOGGER=, OPTIONAL=1, WAIT=1)
 	$(LAB) run-all $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
 
-reset: ## Put MODEL back to todo; checkpoints kept unless DELETE=1
+reset: ## Put MODEL back to todo; checkpoints and arguments kept unless DELETE=1
 	$(LAB) reset '$(MODEL)' --queue $(QUEUE) $(if $(DELETE),--delete_checkpoints true)
+
+cancel: ## Stop MODEL (cancel its SLURM job, or stop its local runner) and put it back to todo
+	$(LAB) cancel '$(MODEL)' --queue $(QUEUE)
+
+slurm-local: ## Start a one-node SLURM cluster on this machine (installs slurm-wlm and munge with apt, as root)
+	bash scripts/slurm_local.sh start
+
+slurm-local-stop: ## Stop the one-node SLURM cluster
+	bash scripts/slurm_local.sh stop
 
 demo: data-sample ## Offline demo: sample data, train both demo models (PRECISION=), eval, samples, interpret, report
 	precision=$(or $(PRECISION),$$($(LAB) precision)) && \
@@ -126,3 +139,6 @@ bench-sweep: data-sample ## Precision x micro batch sweep per variant on this de
 
 bench-data: ## Token-file encoding throughput, 1 thread vs all cores, on the sample
 	$(LAB) bench-data
+
+step-memory: data-sample ## Peak memory of each config's real training step (MODEL=a,b DEVICE=)
+	$(LAB) step-memory $(if $(MODEL),--models '[$(MODEL)]') $(DEVICE_FLAG) --data_dir $(DATA_DIR)

@@ -1,9 +1,14 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.runs import read_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_HUB = ROOT / "config_hub" / "pretrain" / "tiny_stories"
@@ -62,3 +67,66 @@ def trained_demos(sample_data, tmp_path_factory) -> dict[str, Path]:
         assert result.returncode == 0, result.stderr[-3000:]
         folders[name] = out / name / "final"
     return folders
+
+
+# The queue and the runner, for the runner, fault and cluster tests.
+
+TOKENS_PER_STEP = 32 * 128  # the demo configs' global batch
+
+
+def entry(name, tmp_path, data_dir, steps=12, save_interval=4, config="gpt_demo", extra=()):
+    """A queue entry training a demo config on the sample for `steps` optimizer steps."""
+    return {
+        "name": name,
+        "config": str(DEMO_CONFIGS[config]),
+        "devices": 1,
+        "environment": "local",
+        "status": "todo",
+        "out_dir": str(tmp_path / "runs" / name),
+        "args": [
+            f"--data.init_args.data_dir={data_dir}",
+            f"--tokenizer_dir={data_dir / 'tokenizers' / 'sample'}",
+            "--data.init_args.val_windows=64",
+            f"--train.max_tokens={steps * TOKENS_PER_STEP}",
+            f"--train.save_interval={save_interval}",
+            "--eval.interval=1000",
+            "--eval.initial_validation=false",
+            *extra,
+        ],
+    }
+
+
+def write_queue(path, entries):
+    path.write_text(yaml.safe_dump({"experiments": entries}, sort_keys=False))
+    return path
+
+
+# As root, file permissions apply only without these capabilities (a user's mode-000 folder is unreadable).
+UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+def runner(verb, queue, *args, wait=True, unprivileged=False):
+    """The real runner CLI in a subprocess (TORCH_COMPILE_DISABLE=1 keeps each LitGPT start short);
+    `unprivileged`: as a user whom file permissions bind, even when the tests run as root."""
+    cmd = [sys.executable, "-m", "tinystories_lab.cli", verb, "--queue", str(queue), *args]
+    cmd = (UNPRIVILEGED if unprivileged else []) + cmd
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def status(queue, name):
+    return next(e for e in Queue(queue).load() if e["name"] == name)
+
+
+def wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def losses_by_iter(out_dir):
+    train, _ = read_curves(out_dir)
+    return {p.iter: p.value for p in train}

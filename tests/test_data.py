@@ -219,16 +219,35 @@ def test_resumed_train_loader_yields_the_same_batches(sample_data):
     assert all(torch.equal(x, y) for x, y in zip(seen + rest, uninterrupted, strict=True))
 
 
-def test_validation_windows_cover_the_whole_split_once(sample_data):
+def counted_targets(batches, seq_len):
+    """The targets the project's validation counts in served batches: the last `new` of each window."""
+    return [w[1 : seq_len + 1][seq_len - int(w[-1]) :] for b in batches for w in b]
+
+
+def test_validation_windows_cover_the_whole_split_once(sample_data, monkeypatch):
+    from tinystories_lab.data import datamodule
+
     module = connected_module(sample_data, batch_size=8, seq_len=128)
-    tokens = module.val_tokens
+    tokens = torch.from_numpy(module.val_tokens.astype(np.int64))
     batches = list(module.val_dataloader())
-    windows = torch.cat(batches)
-    assert len(windows) == (len(tokens) - 1) // 128
-    targets = windows[:, 1:].reshape(-1)
-    assert torch.equal(targets, torch.from_numpy(tokens[1 : 1 + len(targets)].astype(np.int64)))
+    assert (len(tokens) - 1) % 128, "the sample's split should end in a partial window"
+    assert sum(len(b) for b in batches) == (len(tokens) - 1) // 128 + 1  # whole windows, then the tail
+    assert all(b.shape[1] == 128 + 2 for b in batches)  # the window, then its count of new targets
+    assert torch.equal(torch.cat(counted_targets(batches, 128)), tokens[1:])  # every target once, in order
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setattr(datamodule, "_rank_and_world_size", lambda rank=rank: (rank, 2))
+        per_rank.append(list(module.val_dataloader()))
+    assert len(per_rank[0]) == len(per_rank[1])  # same number of batches on every rank
+    interleaved = [w for pair in zip(*(counted_targets(b, 128) for b in per_rank)) for w in pair]
+    assert torch.equal(
+        torch.cat(interleaved), tokens[1:]
+    )  # rank r has windows r, r + 2, ...; padding counts 0
+    monkeypatch.undo()
     limited = connected_module(sample_data, batch_size=8, seq_len=128, val_windows=10)
-    assert sum(len(b) for b in limited.val_dataloader()) == 10
+    limited_batches = list(limited.val_dataloader())
+    assert sum(len(b) for b in limited_batches) == 10
+    assert torch.equal(torch.cat(counted_targets(limited_batches, 128)), tokens[1 : 1 + 10 * 128])
 
 
 def test_ranks_split_one_stream_between_them(sample_data, monkeypatch):

@@ -20,11 +20,24 @@ def test_load_trained_ties_embeddings_and_reproduces_the_logged_validation_loss(
     data.setup()
     with torch.no_grad():
         losses = [
-            torch.nn.functional.cross_entropy(trained.model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+            torch.nn.functional.cross_entropy(trained.model(b[:, :128]).flatten(0, 1), b[:, 1:129].flatten())
             for b in data.val_dataloader()
         ]
     _, val = read_curves(trained_demos["gpt_demo"].parent)
     assert torch.stack(losses).mean().item() == pytest.approx(val[-1].value, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_tied_embeddings_differ_is_refused_with_numbers(trained_demos, tmp_path):
+    import shutil
+
+    folder = tmp_path / "final"
+    shutil.copytree(trained_demos["gpt_demo"], folder)
+    state = torch.load(folder / "lit_model.pth", weights_only=True)
+    state["model"]["lm_head.weight"] = state["model"]["lm_head.weight"].clone() + 0.5  # untied, as FSDP can
+    torch.save(state, folder / "lit_model.pth")
+    with pytest.raises(UserError, match=r"wte and lm_head differ \(max \|diff\| 0.5"):
+        load_trained(folder)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -1,74 +1,19 @@
 """The queue and the runner, with the real runner and the real `litgpt pretrain` on the sample."""
 
 import csv
-import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
-from conftest import DEMO_CONFIGS
+from conftest import TOKENS_PER_STEP, entry, losses_by_iter, runner, status, wait_for, write_queue
 
 from tinystories_lab.cli import main
+from tinystories_lab.experiments.locks import run_is_alive
 from tinystories_lab.experiments.queue import Queue
-from tinystories_lab.experiments.runs import RunLock, read_curves, step_checkpoints
-
-TOKENS_PER_STEP = 32 * 128  # the demo configs' global batch
-
-
-def entry(name, tmp_path, data_dir, steps=12, save_interval=4, config="gpt_demo", extra=()):
-    """A queue entry training a demo config on the sample for `steps` optimizer steps."""
-    return {
-        "name": name,
-        "config": str(DEMO_CONFIGS[config]),
-        "devices": 1,
-        "environment": "local",
-        "status": "todo",
-        "out_dir": str(tmp_path / "runs" / name),
-        "args": [
-            f"--data.init_args.data_dir={data_dir}",
-            f"--tokenizer_dir={data_dir / 'tokenizers' / 'sample'}",
-            "--data.init_args.val_windows=64",
-            f"--train.max_tokens={steps * TOKENS_PER_STEP}",
-            f"--train.save_interval={save_interval}",
-            "--eval.interval=1000",
-            "--eval.initial_validation=false",
-            *extra,
-        ],
-    }
-
-
-def write_queue(path, entries):
-    path.write_text(yaml.safe_dump({"experiments": entries}, sort_keys=False))
-    return path
-
-
-def runner(verb, queue, *args, wait=True):
-    """The real runner CLI in a subprocess (TORCH_COMPILE_DISABLE=1 keeps each LitGPT start short)."""
-    cmd = [sys.executable, "-m", "tinystories_lab.cli", verb, "--queue", str(queue), *args]
-    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def status(queue, name):
-    return next(e for e in Queue(queue).load() if e["name"] == name)
-
-
-def wait_for(condition, timeout=300):
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-def losses_by_iter(out_dir):
-    train, _ = read_curves(out_dir)
-    return {p.iter: p.value for p in train}
-
+from tinystories_lab.experiments.runs import step_checkpoints, write_run_file
 
 # Bad input: a clear message, a non-zero exit, and the queue byte-identical.
 
@@ -77,7 +22,7 @@ BAD_QUEUES = {  # what is wrong with entry "b" (None: the file itself), and the 
     "unknown status": ({"status": "paused"}, "unknown status 'paused'"),
     "duplicate names": ({"name": "a"}, "appears twice"),
     "missing config": ({"config": "config_hub/pretrain/tiny_stories/nope.yaml"}, "does not exist"),
-    "unknown environment": ({"environment": "slurm"}, "environment 'slurm'"),
+    "unknown environment": ({"environment": "kubernetes"}, "environment 'kubernetes'"),
     "bad devices": ({"devices": 0}, "devices must be a positive integer"),
 }
 
@@ -158,6 +103,7 @@ def test_reset_puts_back_to_todo_and_keeps_checkpoints_unless_asked(tmp_path, sa
     ckpt = tmp_path / "runs" / "a" / "step-00000004" / "lit_model.pth"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"weights")
+    write_run_file(ckpt.parent.parent, "a", queue)
     main(["reset", "a", "--queue", str(queue)])
     assert {k: v for k, v in status(queue, "a").items() if k in ("status", "exit_code", "error")} == {
         "status": "todo"
@@ -174,7 +120,7 @@ def test_reset_deletes_only_a_run_folder(tmp_path, sample_data, capsys):
     before = queue.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         main(["reset", "a", "--queue", str(queue), "--delete_checkpoints", "true"])
-    assert exit_info.value.code == 1 and "does not look like a run folder" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and "holds the current folder or the queue" in capsys.readouterr().err
     assert queue.read_bytes() == before  # and the folder, queue included, is still there
 
 
@@ -232,7 +178,7 @@ def test_sigkill_then_run_next_resumes_and_matches_an_uninterrupted_run(tmp_path
     wait_for(lambda: max(losses_by_iter(out), default=0) >= 6)  # past the step-4 checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    wait_for(lambda: not RunLock(out).is_held(), timeout=30)  # LitGPT died with its runner
+    wait_for(lambda: not run_is_alive(out), timeout=30)  # LitGPT died with its runner
     assert status(queue, "killed")["status"] == "running"  # left behind, stale
 
     result = runner("run-next", queue)
@@ -264,15 +210,17 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path, sample_data):
     queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, steps=8)])
     assert runner("run-next", queue).returncode == 0
     out = tmp_path / "runs" / "a"
+    shutil.rmtree(out / "final")  # as if killed while saving step 8, before final/ was written
     newest = out / "step-00000008" / "lit_model.pth"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    truncated = newest.stat().st_size
     main(["reset", "a", "--queue", str(queue)])
     result = runner("run-next", queue, f"--args=--train.max_tokens={12 * TOKENS_PER_STEP}")
     assert result.returncode == 0, result.stdout[-3000:]
     assert "step-00000008 does not load (truncated or corrupt): resuming from step-00000004" in result.stdout
     assert "Resuming training from" in result.stdout and "step-00000004" in result.stdout
     assert status(queue, "a")["last_step"] == 12
-    assert (out / "step-00000008" / "lit_model.pth").stat().st_size > newest.stat().st_size // 2 + 1
+    assert newest.stat().st_size > truncated  # step 8 was saved again, whole
 
 
 @pytest.mark.slow
@@ -302,7 +250,7 @@ def test_sigterm_stops_cleanly_and_the_resume_keeps_the_run_arguments(tmp_path, 
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output
-    assert not RunLock(out).is_held()  # LitGPT is gone too
+    assert not run_is_alive(out)  # LitGPT is gone too
     a = status(queue, "a")
     assert a["status"] == "todo" and "SIGTERM" in a["note"]
     assert a["run_args"] == [max_tokens] and a["run_logger"] == "csv"
@@ -331,7 +279,7 @@ def test_logger_choice_and_offline_wandb(tmp_path, monkeypatch):
     from tinystories_lab.experiments.runner import child_env, launch_command
 
     e = {"name": "a", "config": "c.yaml", "devices": 2, "num_nodes": 1, "args": ["--seed=1"]}
-    cmd = launch_command(e, "auto", "tensorboard", ["--train.max_tokens=10"])
+    cmd = launch_command(e, "tensorboard", ["--train.max_tokens=10"])
     assert cmd[-3:] == ["--logger_name=tensorboard", "--seed=1", "--train.max_tokens=10"]
     assert "--devices=2" in cmd and "--resume=auto" in cmd and "--out_dir=experiments/tiny_stories/a" in cmd
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc

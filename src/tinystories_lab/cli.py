@@ -7,6 +7,7 @@ import sys
 from jsonargparse import CLI, set_docstring_parse_options
 
 from tinystories_lab.bench.encoding import bench_data
+from tinystories_lab.bench.memory import step_memory
 from tinystories_lab.bench.precision import precision
 from tinystories_lab.bench.training import bench, bench_sweep
 from tinystories_lab.configs import configs
@@ -16,7 +17,7 @@ from tinystories_lab.evaluate.perplexity import evaluate
 from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.samples import sample
 from tinystories_lab.experiments.listing import list_experiments
-from tinystories_lab.experiments.runner import reset, run_all, run_next, run_specific
+from tinystories_lab.experiments.runner import cancel, reset, run_all, run_next, run_specific, slurm_record
 from tinystories_lab.export.exporter import export
 from tinystories_lab.export.publish import publish
 from tinystories_lab.interpret.run import interpret, interpret_compare
@@ -30,12 +31,15 @@ COMMANDS = {
     "run-specific": run_specific,
     "run-all": run_all,
     "reset": reset,
+    "cancel": cancel,
+    "slurm-record": slurm_record,
     "eval": evaluate,
     "sample": sample,
     "report": report,
     "bench": bench,
     "bench-sweep": bench_sweep,
     "precision": precision,
+    "step-memory": step_memory,
     "export": export,
     "publish": publish,
     "interpret": interpret,

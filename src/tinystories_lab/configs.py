@@ -47,6 +47,33 @@ def parse_config(path: Path | str, *overrides: str) -> Namespace:
     return parser.instantiate_classes(cfg)
 
 
+MAX_TOKENS_LIMIT = 10**15  # LitGPT's remaining-time display overflows a timedelta far below 2**63 tokens
+
+
+def check_training(train, world: int) -> None:
+    """Refuse `train` settings LitGPT would fail on late or silently change, for `world` processes.
+
+    LitGPT accumulates `global_batch_size // world // micro_batch_size` micro batches per step: a global
+    batch that is not a multiple of world x micro batch silently shrinks, one smaller than it fails after
+    the initial validation.
+    """
+    if not isinstance(train.max_tokens, int) or not 0 < train.max_tokens <= MAX_TOKENS_LIMIT:
+        raise UserError(
+            f"train.max_tokens must be a positive number of tokens up to {MAX_TOKENS_LIMIT:.0e}, "
+            f"not {train.max_tokens!r}."
+        )
+    batch, micro = train.global_batch_size, train.micro_batch_size
+    if batch % (world * micro):
+        whole = batch // world // micro * world * micro
+        effect = f"train on batches of {whole}" if whole else "fail after its first validation"
+        fits = ", ".join(str(d) for d in range(1, 65) if batch % (d * micro) == 0)
+        raise UserError(
+            f"global_batch_size {batch} is not a multiple of processes x micro_batch_size "
+            f"({world} x {micro}), so LitGPT would {effect}. With micro batch {micro}, devices x num_nodes "
+            f"must be one of {fits}; or change train.micro_batch_size."
+        )
+
+
 def model_config(cfg: Namespace) -> Config:
     """The model's `litgpt.Config`, from `model_config` or, failing that, from `model_name`."""
     return cfg.model_config if cfg.model_config is not None else Config.from_name(cfg.model_name)

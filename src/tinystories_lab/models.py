@@ -55,14 +55,30 @@ def load_trained(
         raise UserError(f"{ckpt.path} does not load (truncated or corrupt); resume training to rewrite it.")
     config = Config.from_file(checkpoint_dir / "model_config.yaml")
     hparams = yaml.safe_load((checkpoint_dir / "hyperparameters.yaml").read_text())
+    state = ckpt.load()["model"]
     with torch.device(device):
         model = GPT(config)
     if hparams["train"].get("tie_embeddings"):
+        check_tied(state, ckpt.path)
         model.transformer.wte.weight = model.lm_head.weight
-    model.load_state_dict(ckpt.load()["model"])
+    model.load_state_dict(state)
     model.max_seq_length = hparams["train"].get("max_seq_length") or config.block_size
     model = model.to(dtype=dtype).eval()
     return TrainedModel(model, config, Tokenizer(checkpoint_dir), checkpoint_dir, hparams)
+
+
+def check_tied(state: dict, path: Path) -> None:
+    """Refuse a checkpoint trained with tied embeddings whose `wte` and `lm_head` differ: tying them again
+    would silently pick one (FSDP can untie them while materialising the model, litgpt issue 1727)."""
+    wte, head = state.get("transformer.wte.weight"), state.get("lm_head.weight")
+    if wte is None or head is None or torch.equal(wte, head):
+        return
+    diff = (wte.float() - head.float()).abs().max().item()
+    raise UserError(
+        f"{path} was trained with tied embeddings, but its wte and lm_head differ (max |diff| {diff:.3g}, "
+        f"max |wte| {wte.float().abs().max().item():.3g}): the tie was lost during training. To load both "
+        "matrices as they are, set train.tie_embeddings: false in its hyperparameters.yaml."
+    )
 
 
 def training_data(trained: TrainedModel) -> TinyStories:

@@ -1,10 +1,11 @@
 """`make bench` and `make bench-sweep`: training speed of the project's path against a bare loop.
 
 For each variant, on the current device, in one run: the device's peak FLOP/s measured by a large
-matrix product; `litgpt pretrain` with the variant's config and this project's DataModule on the
-sample (the real path); and the bare loop of `bench.bare` on the same model, batches, precision,
-compile setting and optimizer. Both are timed over optimizer steps after a warm-up that absorbs
-compilation. MFU uses FLOPs per token = 6N + 12 L H Q T (nanoGPT, llama2.c).
+matrix product; LitGPT's training loop as the runner starts it (`tinystories_lab.pretrain`) with the
+variant's config and this project's DataModule on the sample (the real path); and the bare loop of
+`bench.bare` on the same model, batches, precision, compile setting and optimizer. Both are timed over
+optimizer steps after a warm-up that absorbs compilation. MFU uses FLOPs per token = 6N + 12 L H Q T
+(nanoGPT, llama2.c).
 """
 
 from __future__ import annotations
@@ -85,13 +86,20 @@ def flops_per_token(cfg) -> float:
 
 
 def run_project(
-    config: Path, overrides: list[str], warmup: int, compile: bool, device: str, workdir: Path
+    config: Path,
+    overrides: list[str],
+    warmup: int,
+    compile: bool,
+    device: str,
+    workdir: Path,
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """`litgpt pretrain` for warmup + steps optimizer steps; speed from the median step time in its CSV
-    metrics (robust to a passing disturbance)."""
+    """The project's training path (`python -m tinystories_lab.pretrain`, as the runner starts it) for
+    warmup + steps optimizer steps; speed from the median step time in its CSV metrics (robust to a
+    passing disturbance)."""
     cfg = parse_config(config, *overrides)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.max_seq_length
-    cmd = [sys.executable, "-m", "litgpt", "pretrain", "--config", str(config), *overrides]
+    cmd = [sys.executable, "-m", "tinystories_lab.pretrain", "--config", str(config), *overrides]
     cmd += [
         f"--out_dir={workdir}",
         "--devices=1",
@@ -103,23 +111,25 @@ def run_project(
         "--eval.final_validation=false",
     ]
     proc = subprocess.Popen(
-        cmd, env=child_env(compile, device), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, env=child_env(compile, device, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
     if status != 0:
-        raise RuntimeError(f"litgpt pretrain failed:\n{output[-3000:]}")
+        raise RuntimeError(f"the project's training path failed:\n{output[-3000:]}")
     with open(next(workdir.glob("logs/csv/version_*/metrics.csv")), newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("loss")]
     # `time` is the wall time since training started, logged after every optimizer step.
     times = [float(r["time"]) for r in rows]
     step_seconds = statistics.median(b - a for a, b in zip(times[warmup - 1 :], times[warmup:]))
     gpu = re.search(r"Memory Used\s*:\s*([\d.]+) GB", output)
+    total = re.search(r"Device memory\s*:\s*([\d.]+) GiB", output)
     return {
         "tokens_per_s": tokens_per_step / step_seconds,
         "step_seconds": step_seconds,
         "losses": [float(r["loss"]) for r in rows],
         "peak_memory_gib": float(gpu.group(1)) * 1e9 / 2**30 if gpu else usage.ru_maxrss / 2**20,
+        "device_memory_gib": float(total.group(1)) if total else None,
     }
 
 
@@ -135,10 +145,10 @@ def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compil
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def child_env(compile: bool, device: str) -> dict[str, str]:
-    """The environment for a child: LitGPT always compiles unless TORCH_COMPILE_DISABLE=1, and picks a
-    GPU whenever it sees one, so a CPU benchmark hides them."""
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
+def child_env(compile: bool, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child (from `base`, default ours): LitGPT always compiles unless
+    TORCH_COMPILE_DISABLE=1, and picks a GPU whenever it sees one, so a CPU benchmark hides them."""
+    env = {k: v for k, v in (base or os.environ).items() if k != "TORCH_COMPILE_DISABLE"}
     if not compile:
         env["TORCH_COMPILE_DISABLE"] = "1"
     if device == "cpu":
@@ -326,9 +336,9 @@ def bench(
     out_dir: Path = RESULTS_DIR,
     name: str = "bench",
 ) -> dict:
-    """Tokens/s of `litgpt pretrain` (this project's path) and of a bare loop, their ratio, MFU, peak
-    memory and the share of step time spent waiting for data; written to out_dir/<device>-<date>-<name>.json
-    and .md.
+    """Tokens/s of the project's training path (LitGPT's loop as the runner starts it) and of a bare loop,
+    their ratio, MFU, peak memory and the share of step time spent waiting for data; written to
+    out_dir/<device>-<date>-<name>.json and .md.
 
     Args:
         model: Comma-separated experiment names (or config paths) to benchmark.

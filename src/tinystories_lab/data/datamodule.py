@@ -70,24 +70,63 @@ class TrainWindows(IterableDataset):
 
 
 class ValWindows(Dataset):
-    """Consecutive windows of `seq_len + 1` tokens with stride `seq_len`: every token is a target once."""
+    """The validation split as windows of `seq_len + 1` tokens, stride `seq_len`: every token a target once.
+
+    Whole windows come first; a last window ending at the split's end covers the remaining targets (it
+    overlaps its predecessor, and `new_targets(i)` says how many of its targets, counted from its end, no
+    earlier window holds). `limit` keeps the first `limit` whole windows only.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, limit: int | None = None) -> None:
         self.tokens = tokens
         self.seq_len = seq_len
-        n = (len(tokens) - 1) // seq_len
-        self.n = n if limit is None else min(n, limit)
-        if self.n < 1:
+        whole = (len(tokens) - 1) // seq_len
+        if whole < 1:
             raise UserError(
                 f"The validation split has {len(tokens):,} tokens, too few for one window of {seq_len + 1}."
             )
+        self.tail = (len(tokens) - 1) % seq_len if limit is None else 0  # targets after the whole windows
+        self.n = whole + (self.tail > 0) if limit is None else min(whole, limit)
 
     def __len__(self) -> int:
         return self.n
 
+    def start(self, i: int) -> int:
+        if self.tail and i == self.n - 1:
+            return len(self.tokens) - self.seq_len - 1
+        return i * self.seq_len
+
+    def new_targets(self, i: int) -> int:
+        return self.tail if self.tail and i == self.n - 1 else self.seq_len
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        start = i * self.seq_len
+        start = self.start(i)
         return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+
+
+class RankValWindows(IterableDataset):
+    """`ValWindows` split over the ranks, as the validation loader serves them.
+
+    Each item is a window followed by one more entry, its count of new targets (`ValWindows.new_targets`):
+    LitGPT's own `validate` reads only the first `seq_len + 1` entries, while the project's
+    (`tinystories_lab.pretrain`) counts each target once. Rank r of w takes windows r, r + w, ...; a rank
+    with one window fewer gets a copy counted 0, so every rank runs the same number of batches (DDP and
+    FSDP forwards are collective).
+    """
+
+    def __init__(self, windows: ValWindows) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return -(-len(self.windows) // _rank_and_world_size()[1])
+
+    def __iter__(self):
+        rank, world = _rank_and_world_size()
+        for i in range(rank, len(self) * world, world):
+            counted = i < len(self.windows)
+            i = min(i, len(self.windows) - 1)
+            new = self.windows.new_targets(i) if counted else 0
+            yield torch.cat([self.windows[i], torch.tensor([new])])
 
 
 class ResumableLoader(DataLoader):
@@ -161,7 +200,7 @@ class TinyStories(DataModule):
 
     def val_dataloader(self) -> DataLoader:
         windows = ValWindows(self.val_tokens, self.max_seq_length, self.val_windows)
-        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, num_workers=0)
+        return DataLoader(RankValWindows(windows), batch_size=self.batch_size, num_workers=0)
 
 
 def _rank_and_world_size() -> tuple[int, int]:

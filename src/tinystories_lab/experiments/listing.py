@@ -2,38 +2,52 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tinystories_lab.configs import architecture, count_parameters, format_table, model_config, parse_config
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments import slurm
 from tinystories_lab.experiments.queue import Queue
-from tinystories_lab.experiments.runs import last_val_loss, newest_checkpoint, out_dir_of
+from tinystories_lab.experiments.runs import last_val_loss, newest_loadable, out_dir_of
 
 DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]
 
 
 def experiment_row(entry: dict) -> list[str]:
     """One row: name, architecture, shape, true parameters, status, tokens done / max_tokens, val loss."""
-    cfg = parse_config(entry["config"], *entry.get("args", []))
+    cfg = parse_config(entry["config"], *entry.get("args", []), *entry.get("run_args", []))
     config = model_config(cfg)
     params = count_parameters(config, cfg.train.tie_embeddings)
     out_dir = out_dir_of(entry)
-    max_tokens, done = cfg.train.max_tokens, 0
-    ckpt = newest_checkpoint(out_dir)
-    if ckpt is not None and ckpt.is_loadable():
-        max_tokens = ckpt.hparams["train"]["max_tokens"]  # what the run was launched with
-        done = ckpt.tokens_seen()
-    val = last_val_loss(out_dir)
-    status = entry["status"] + (" (optional)" if entry.get("optional") else "")
-    return [
+    row = [
         entry["name"],
         architecture(config),
         f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
         f"{params / 1e6:.1f}M",
-        status,
-        f"{_tokens(done)} / {_tokens(max_tokens)} ({100 * done / max_tokens:.0f}%)",
-        f"{val:.3f}" if val is not None else "-",
+        status_text(entry),
     ]
+    if out_dir.exists() and not os.access(out_dir, os.R_OK | os.X_OK):
+        return [*row, f"- (cannot read {out_dir})", "-"]
+    max_tokens, done = cfg.train.max_tokens, 0
+    ckpt, _ = newest_loadable(out_dir)
+    if ckpt is not None:
+        max_tokens = ckpt.hparams["train"]["max_tokens"]  # what the run was launched with
+        done = ckpt.tokens_seen()
+    val = last_val_loss(out_dir)
+    progress = f"{_tokens(done)} / {_tokens(max_tokens)}"
+    if isinstance(max_tokens, int) and max_tokens > 0:
+        progress += f" ({100 * done / max_tokens:.0f}%)"
+    return [*row, progress, f"{val:.3f}" if val is not None else "-"]
+
+
+def status_text(entry: dict) -> str:
+    """The entry's status, with its SLURM job's state while it is queued or running."""
+    status = entry["status"] + (" (optional)" if entry.get("optional") else "")
+    if entry["status"] == "running" and entry.get("slurm_job"):
+        state = slurm.job_state(entry["slurm_job"])
+        status += f", job {entry['slurm_job']} " + (str(state) if state else "gone")
+    return status
 
 
 def list_experiments(queues: list[Path] | None = None) -> None:
@@ -56,7 +70,9 @@ def list_experiments(queues: list[Path] | None = None) -> None:
         raise UserError("No queue file found (experiments.yaml or experiments.demo.yaml).")
 
 
-def _tokens(n: int) -> str:
+def _tokens(n: int | None) -> str:
+    if not isinstance(n, int):
+        return "-"
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"

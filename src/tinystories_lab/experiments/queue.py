@@ -8,25 +8,33 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.locks import Lock
 
 STATUSES = ("todo", "running", "done", "failed")
-ENVIRONMENTS = ("local",)  # a cluster scheduler (e.g. slurm) can be added here later
+ENVIRONMENTS = ("local", "slurm")
+STRATEGIES = ("auto", "ddp", "fsdp")
 REQUIRED = ("name", "config", "status")
-RUNNER_FIELDS = (
-    "host", "pid", "attempts", "started_at", "finished_at", "last_step", "exit_code", "error", "log", "note",
-    "run_args", "run_logger",
+NAME_RULE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # a folder name: no separators, no leading dot
+SLURM_FIELDS = {  # the optional `slurm:` mapping of an entry
+    "partition": str, "time": str, "account": str, "gpus_per_node": int, "cpus_per_task": int,
+    "sbatch_args": list,
+}  # fmt: skip
+RUN_RECORD = (  # what the runner records of a run: cleared when a new run starts
+    "host", "pid", "started_at", "finished_at", "last_step", "exit_code", "error", "log", "note", "slurm_job",
+    "cuda_visible_devices",
 )  # fmt: skip
+RUNNER_FIELDS = (*RUN_RECORD, "attempts", "run_args", "run_logger")
 
 _yaml = YAML()  # round-trip mode
 _yaml.indent(mapping=2, sequence=4, offset=2)
@@ -36,9 +44,13 @@ _yaml.width = 4096  # keep long error summaries on one line
 class Queue:
     """One queue file. `load()` reads and validates it; `edit()` is a locked read-modify-write."""
 
+    LOCK_TIMEOUT_S = 120  # edits take well under a second; a longer wait means a stuck or stopped holder
+    LOCK_NOTICE_S = 5
+
     def __init__(self, path: Path | str = "experiments.yaml") -> None:
         self.path = Path(path)
-        self._lock = FileLock(str(self.path) + ".lock")
+        self.target = self.path.resolve()  # a symlinked queue is rewritten (and locked) through its target
+        self._lock = Lock(str(self.target) + ".lock")
 
     def load(self) -> list[dict]:
         """The validated entries, in file order (ruamel maps: edits keep comments and order)."""
@@ -50,6 +62,7 @@ class Queue:
 
         `check_configs=False` lets the runner record an outcome even when, during a long run, someone
         pointed another entry at a config that does not exist."""
+        self._lock.wait(f"the lock of {self.path}", self.LOCK_TIMEOUT_S, self.LOCK_NOTICE_S)
         with self._lock:
             original = self._text()
             doc = self._read(original, check_configs)
@@ -58,12 +71,15 @@ class Queue:
             buffer = io.StringIO()
             _yaml.dump(doc, buffer)
             if buffer.getvalue() != original:
-                write_atomic(self.path, buffer.getvalue())
+                write_atomic(self.target, buffer.getvalue())
 
     def _text(self) -> str:
         if not self.path.is_file():
             raise UserError(f"Queue file {self.path} does not exist.")
-        return self.path.read_text()
+        try:
+            return self.path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"Cannot read queue file {self.path}: {e}.") from None
 
     def _read(self, text: str | None = None, check_configs: bool = True) -> dict:
         try:
@@ -87,31 +103,58 @@ def validate(entries: list, path: Path, check_configs: bool = True) -> None:
         if missing:
             raise UserError(f"{where} lacks {', '.join(missing)}.")
         name = entry["name"]
+        if not (isinstance(name, str) and NAME_RULE.fullmatch(name)):
+            raise UserError(
+                f"{where} has name {name!r}; a name becomes a folder name: use letters, digits, '.', '_' and "
+                "'-', not starting with a dot (quote names that YAML reads as numbers)."
+            )
         where = f"{path}: experiment {name!r}"
         if name in seen:
             raise UserError(f"{where} appears twice; experiment names must be unique.")
         seen.add(name)
-        if entry["status"] not in STATUSES:
+        _validate_fields(entry, where, check_configs)
+
+
+def _validate_fields(entry: dict, where: str, check_configs: bool) -> None:
+    def choice(field: str, choices: tuple, default: str) -> None:
+        if entry.get(field, default) not in choices:
+            raise UserError(f"{where} has unknown {field} {entry[field]!r}; use one of {', '.join(choices)}.")
+
+    choice("status", STATUSES, "todo")
+    choice("environment", ENVIRONMENTS, "local")
+    choice("strategy", STRATEGIES, "auto")
+    for field in ("devices", "num_nodes"):
+        value = entry.get(field, 1)
+        if not (type(value) is int and value >= 1):
+            raise UserError(f"{where}: {field} must be a positive integer, not {value!r}.")
+    if type(entry.get("optional", False)) is not bool:
+        raise UserError(f"{where}: optional must be true or false, not {entry['optional']!r}.")
+    if check_configs and not Path(entry["config"]).is_file():
+        raise UserError(f"{where} names config {entry['config']}, which does not exist.")
+    if not isinstance(entry.get("out_dir", ""), str):
+        raise UserError(f"{where}: out_dir must be a path.")
+    args = entry.get("args", [])
+    if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        raise UserError(f"{where}: args must be a list of strings such as '--train.max_tokens=1000000'.")
+    gpus = entry.get("gpus")
+    if gpus is not None and not (
+        isinstance(gpus, list) and len(gpus) == entry.get("devices", 1) and all(type(g) is int for g in gpus)
+    ):
+        raise UserError(f"{where}: gpus must list one GPU index per device, such as [0, 1] for devices: 2.")
+    slurm = entry.get("slurm")
+    if slurm is not None:
+        if entry.get("environment") != "slurm":
             raise UserError(
-                f"{where} has unknown status {entry['status']!r}; use one of {', '.join(STATUSES)}."
+                f"{where} has a slurm: mapping but environment {entry.get('environment', 'local')!r}."
             )
-        environment = entry.get("environment", "local")
-        if environment not in ENVIRONMENTS:
-            raise UserError(
-                f"{where} has environment {environment!r}, which this runner does not support yet; "
-                f"use {' or '.join(ENVIRONMENTS)}."
-            )
-        for field in ("devices", "num_nodes"):
-            value = entry.get(field, 1)
-            if not (isinstance(value, int) and value >= 1):
-                raise UserError(f"{where}: {field} must be a positive integer, not {value!r}.")
-        if check_configs and not Path(entry["config"]).is_file():
-            raise UserError(f"{where} names config {entry['config']}, which does not exist.")
-        if not isinstance(entry.get("out_dir", ""), str):
-            raise UserError(f"{where}: out_dir must be a path.")
-        args = entry.get("args", [])
-        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
-            raise UserError(f"{where}: args must be a list of strings such as '--train.max_tokens=1000000'.")
+        if not isinstance(slurm, dict):
+            raise UserError(f"{where}: slurm must be a mapping of {', '.join(SLURM_FIELDS)}.")
+        for key, value in slurm.items():
+            kind = SLURM_FIELDS.get(key)
+            if kind is None:
+                raise UserError(f"{where}: unknown slurm field {key!r}; use {', '.join(SLURM_FIELDS)}.")
+            if type(value) is not kind and not (kind is str and type(value) is int):
+                raise UserError(f"{where}: slurm.{key} must be a {kind.__name__}, not {value!r}.")
 
 
 def find(entries: list[dict], name: str) -> dict:
@@ -123,7 +166,8 @@ def find(entries: list[dict], name: str) -> dict:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename it into place."""
+    """Write through a temporary file in the same folder and rename it into place (`path` must not be a
+    symlink: pass its target)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     try:
         if path.exists():  # keep the file's permissions (mkstemp makes it private to its owner)

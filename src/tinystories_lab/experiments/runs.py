@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import csv
-import fcntl
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 import yaml
+
+from tinystories_lab.errors import UserError
 
 EXPERIMENTS_DIR = Path("experiments/tiny_stories")
 
@@ -54,6 +55,10 @@ class Checkpoint:
         """The `litgpt pretrain` arguments saved next to the checkpoint."""
         return yaml.safe_load((self.folder / "hyperparameters.yaml").read_text())
 
+    def step_count(self) -> int:
+        """Optimizer steps taken up to this checkpoint."""
+        return int(self.load()["step_count"])
+
     def tokens_seen(self) -> int:
         """Training tokens consumed up to this checkpoint, over all devices."""
         train = self.hparams["train"]
@@ -80,10 +85,64 @@ def is_current(result: Path, out_dir: Path) -> bool:
     return result.is_file() and (not final.is_file() or result.stat().st_mtime >= final.stat().st_mtime)
 
 
-def newest_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """`final` if training finished, else the newest step checkpoint."""
-    steps = step_checkpoints(out_dir)
-    return final_checkpoint(out_dir) or (steps[0] if steps else None)
+def newest_loadable(out_dir: Path) -> tuple[Checkpoint | None, list[Checkpoint]]:
+    """The checkpoint with the most steps among those that load (`final/` included), and the ones newer
+    than it, or `final/`, that do not load (truncated or corrupt: a process killed while saving)."""
+    broken = []
+    newest = None
+    for ckpt in step_checkpoints(out_dir):
+        if ckpt.is_loadable():
+            newest = ckpt
+            break
+        broken.append(ckpt)
+    final = final_checkpoint(out_dir)
+    if final is not None:
+        if not final.is_loadable():
+            broken.append(final)
+        elif newest is None or final.step_count() >= newest.step_count():
+            newest = final
+    return newest, broken
+
+
+def resume_point(out_dir: Path, say: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint a run resumes from: the newest that loads, `final/` included (a finished run whose
+    `step-*` folders were deleted is extended, not restarted); None to start from zero.
+
+    Starting from zero when `final/` exists but nothing loads would overwrite a finished run: refused.
+    """
+    newest, broken = newest_loadable(out_dir)
+    names = ", ".join(c.folder.name for c in broken)
+    if newest is None and final_checkpoint(out_dir) is not None:
+        raise UserError(
+            f"No checkpoint in {out_dir} loads ({names}: truncated or corrupt), and training from zero would "
+            "overwrite its final/. Restore a checkpoint, or train it again from the start with RESTART=1 "
+            "(`--restart true`), which deletes its checkpoints."
+        )
+    if newest is None:
+        if broken:
+            say(f"No checkpoint in {out_dir} loads (truncated or corrupt): training from the start.")
+        return None
+    if broken:
+        say(f"Checkpoint {names} does not load (truncated or corrupt): resuming from {newest.folder.name}.")
+    return newest.path
+
+
+RUN_FILE = "run.yaml"
+
+
+def write_run_file(out_dir: Path, name: str, queue: Path) -> None:
+    """Mark a folder as the run of experiment `name` (what `reset DELETE=1` checks before deleting it)."""
+    path = out_dir / RUN_FILE
+    if not path.is_file():
+        path.write_text(yaml.safe_dump({"experiment": name, "queue": str(queue)}, sort_keys=False))
+
+
+def run_file_names(out_dir: Path, name: str) -> bool:
+    """Whether the folder holds the run file the runner wrote for experiment `name`."""
+    try:
+        return (yaml.safe_load((out_dir / RUN_FILE).read_text()) or {}).get("experiment") == name
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
 
 
 class Point(NamedTuple):
@@ -110,19 +169,24 @@ def read_curves(out_dir: Path) -> tuple[list[Point], list[Point]]:
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r]
         train_rows = [r for r in rows if r.get("loss")]
-        if not train_rows:
+        val_rows = [r for r in rows if r.get("val_loss")]
+        if train_rows:
+            first = int(train_rows[0]["iter"])
+            last = int(train_rows[-1]["iter"])
+            train = [p for p in train if p.iter < first]
+            val = [p for p in val if p.iter < first]
+            tokens_per_iter = int(train_rows[0]["total_tokens"]) // first
+            train += [Point(int(r["iter"]), int(r["total_tokens"]), float(r["loss"])) for r in train_rows]
+        elif val_rows and tokens_per_iter is not None:
+            # A resume with nothing left to train logs only its final validation, at step = iter.
+            last = int(val_rows[-1]["step"])
+            val = [p for p in val if p.iter < last]
+        else:
             continue
-        first = int(train_rows[0]["iter"])
-        last = int(train_rows[-1]["iter"])
-        train = [p for p in train if p.iter < first]
-        val = [p for p in val if p.iter < first]
-        tokens_per_iter = int(train_rows[0]["total_tokens"]) // first
-        train += [Point(int(r["iter"]), int(r["total_tokens"]), float(r["loss"])) for r in train_rows]
-        for r in rows:
-            if r.get("val_loss"):
-                # LitGPT logs periodic validation at step iter - 1 and the final one at step iter.
-                it = min(int(r["step"]) + 1, last)
-                val.append(Point(it, it * tokens_per_iter, float(r["val_loss"])))
+        for r in val_rows:
+            # LitGPT logs periodic validation at step iter - 1 and the final one at step iter.
+            it = min(int(r["step"]) + 1, last)
+            val.append(Point(it, it * tokens_per_iter, float(r["val_loss"])))
     return train, val
 
 
@@ -130,42 +194,3 @@ def last_val_loss(out_dir: Path) -> float | None:
     """The most recent validation loss in the metrics."""
     _, val = read_curves(out_dir)
     return val[-1].value if val else None
-
-
-class RunLock:
-    """An exclusive lock held while an experiment trains, by the runner and the LitGPT it starts.
-
-    The OS drops it when every process holding it has exited (kill -9 and reboots included), so a
-    `running` entry whose lock is free is stale and can be resumed.
-    """
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / "runner.lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> bool:
-        """Take the lock without waiting; False if another process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing our copy; a LitGPT child still running keeps the lock
-            self.fd = None
-
-    def is_held(self) -> bool:
-        """Whether some process holds the lock now."""
-        if not self.path.exists():
-            return False
-        probe = RunLock(self.path.parent)
-        if probe.acquire():
-            probe.release()
-            return False
-        return True

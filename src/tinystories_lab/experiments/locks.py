@@ -1,0 +1,132 @@
+"""File locks that say who holds them: the queue's, and the ones a run holds while it trains.
+
+They are `flock` locks, so the OS drops them when every process holding one has exited (kill -9 and
+reboots included): a lock is never left behind by a dead process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+
+from tinystories_lab.errors import UserError
+
+
+class Lock:
+    """An exclusive lock on `path`; its holder writes "pid P on HOST since TIME" into the file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False if another process holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(
+                f"Cannot create the lock file {self.path}: {e.strerror}; check that folder's permissions."
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        since = datetime.now().astimezone()
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {since:%Y-%m-%d %H:%M:%S}"
+        self.fd = fd
+        try:  # best effort: on a full disk the lock still works, without its note
+            os.pwrite(fd, holder.encode(), 0)
+            os.ftruncate(fd, len(holder.encode()))
+        except OSError:
+            pass
+        return True
+
+    def wait(self, what: str, timeout: float = 120, notice_after: float = 5) -> None:
+        """Take the lock, waiting: after `notice_after` s say who holds it, after `timeout` s give up."""
+        start = time.monotonic()
+        noticed = False
+        while not self.acquire():
+            waited = time.monotonic() - start
+            if waited > timeout:
+                raise UserError(
+                    f"Gave up waiting for {what} after {timeout:.0f} s: {self.path} is held by "
+                    f"{self.holder()}. "
+                    "If that process is stopped (Ctrl-Z), resume it (`fg`, or `kill -CONT <pid>`) or end it."
+                )
+            if waited > notice_after and not noticed:
+                print(f"Waiting for {what}: held by {self.holder()} ...", flush=True)
+                noticed = True
+            time.sleep(0.1)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing our copy; a child that inherited it keeps the lock
+            self.fd = None
+
+    def holder(self) -> str:
+        """Who holds (or last held) the lock, with a note when that process is stopped."""
+        try:
+            text = self.path.read_text().strip() or "an unknown process"
+        except OSError:
+            return "an unknown process"
+        parts = text.split()
+        if (
+            len(parts) > 3
+            and parts[0] == "pid"
+            and parts[3] == socket.gethostname()
+            and _is_stopped(parts[1])
+        ):
+            text += " (stopped)"
+        return text
+
+    def is_held(self) -> bool:
+        """Whether some process holds the lock now (probing neither creates nor changes the file)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class RunLock(Lock):
+    """A lock in a run folder: `runner.lock` (the runner, passed on to the training it starts) or
+    `rank-N.lock` (each training process, `tinystories_lab.pretrain`)."""
+
+    def __init__(self, out_dir: Path, name: str = "runner") -> None:
+        super().__init__(Path(out_dir) / f"{name}.lock")
+
+    def acquire(self) -> bool:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"Cannot create the run folder {self.path.parent}: {e.strerror}.") from None
+        return super().acquire()
+
+
+def run_is_alive(out_dir: Path) -> bool:
+    """Whether any process of a run (its runner or a training rank) still holds a lock in its folder."""
+    return any(Lock(p).is_held() for p in Path(out_dir).glob("*.lock"))
+
+
+def _is_stopped(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False

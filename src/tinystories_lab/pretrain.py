@@ -1,0 +1,242 @@
+"""`python -m tinystories_lab.pretrain`: `litgpt pretrain` run on a Fabric this project builds.
+
+It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and runs LitGPT's own
+`setup`, `main` and `fit` unchanged. Only what LitGPT fixes inside them is swapped, each for a reason:
+
+- the Fabric: LitGPT always picks FSDP (HYBRID_SHARD) for several devices, which a CPU refuses and which
+  crashes when `devices` is fewer than the GPUs visible. Here the strategy is `ddp` whenever the training
+  state fits one device (all six variants), `fsdp` (FULL_SHARD; HYBRID_SHARD across nodes) otherwise;
+- bf16 precision: Fabric converts the model's outputs to fp32, so LitGPT computes the loss on an fp32 copy
+  of the full logits, outside autocast (23% of a bf16-mixed step on a CPU, and micro x context x vocab x 4
+  bytes of memory). Here the logits stay as computed and the loss runs inside autocast, as in a bare loop;
+- `validate`: LitGPT averages per-batch means on rank 0 only; here it is the mean over every target token
+  of the validation split, summed over all ranks, whatever their number (see `RankValWindows`);
+- the logged training loss: LitGPT logs rank 0's; here the mean over all ranks, as one rank would log it;
+- `--resume auto`: the newest checkpoint that loads (a truncated one is skipped), `final/` included;
+- `hyperparameters.yaml`: saved from these arguments (LitGPT re-reads `sys.argv`, which holds ours too).
+
+Every rank takes a lock in the run folder (`RunLock`), so the runner knows a run is alive until all its
+processes are gone, and ranks started by rank 0 die with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lightning
+import litgpt.pretrain
+import torch
+from jsonargparse import Namespace
+from lightning.fabric.plugins.precision import HalfPrecision, MixedPrecision
+from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+from litgpt.model import Block
+from litgpt.utils import CLI, chunked_cross_entropy, parse_devices
+from torchmetrics.aggregation import RunningMean
+
+from tinystories_lab.configs import check_training, count_parameters, model_config, pretrain_parser
+from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.locks import RunLock
+from tinystories_lab.experiments.runs import resume_point
+
+Strategy = Literal["auto", "ddp", "fsdp"]
+ADAM_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients and AdamW's two moments
+STATE_SHARE_OF_MEMORY = 0.5  # leave the rest of a device's memory to activations
+VALIDATION_CHUNK = 4096  # tokens whose logits validation turns into fp32 at a time
+
+
+def choose_strategy(cfg: Namespace, world: int, strategy: Strategy) -> Strategy | Literal["single"]:
+    """`ddp` when the training state fits one device, `fsdp` when it does not; `single` for one process."""
+    if world == 1:
+        return "single"
+    if strategy != "auto":
+        return strategy
+    if not torch.cuda.is_available():
+        return "ddp"  # FSDP is GPU-only in Fabric
+    config = model_config(cfg)
+    state = count_parameters(config, cfg.train.tie_embeddings) * ADAM_BYTES_PER_PARAMETER
+    return (
+        "ddp" if state <= STATE_SHARE_OF_MEMORY * torch.cuda.get_device_properties(0).total_memory else "fsdp"
+    )
+
+
+def fabric_strategy(name: str, num_nodes: int) -> object:
+    if name == "single":
+        return "auto"
+    if name == "ddp":
+        return DDPStrategy()
+    sharding = "HYBRID_SHARD" if num_nodes > 1 else "FULL_SHARD"
+    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy=sharding)
+
+
+class _KeepOutputs:
+    """A precision plugin that hands the model's outputs on as computed instead of converting them to fp32."""
+
+    def convert_output(self, data):
+        return data
+
+
+class _MixedPrecision(_KeepOutputs, MixedPrecision):
+    pass
+
+
+class _HalfPrecision(_KeepOutputs, HalfPrecision):
+    pass
+
+
+def precision_plugin(precision: str | None, strategy: str) -> object | None:
+    """The plugin for bf16 training under a single device or DDP (FSDP brings its own); None otherwise."""
+    if strategy == "fsdp":
+        return None
+    if precision == "bf16-mixed":
+        return _MixedPrecision("bf16-mixed", "cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "bf16-true":
+        return _HalfPrecision("bf16-true")
+    return None
+
+
+class _Lightning:
+    """Stands in for the `lightning` module inside `litgpt.pretrain`, whose only use of it is `L.Fabric`."""
+
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
+        self.fabric: lightning.Fabric | None = None
+        self.autocast_loss = False
+
+    def Fabric(self, **kwargs) -> lightning.Fabric:  # noqa: N802 (the name litgpt.pretrain calls)
+        plugin = precision_plugin(kwargs.get("precision"), self.strategy)
+        if plugin is not None:
+            kwargs.update(precision=None, plugins=[plugin])
+            self.autocast_loss = isinstance(plugin, MixedPrecision)
+        self.fabric = lightning.Fabric(
+            **{**kwargs, "strategy": fabric_strategy(self.strategy, kwargs["num_nodes"])}
+        )
+        return self.fabric
+
+    def chunked_cross_entropy(
+        self, logits: torch.Tensor, targets: torch.Tensor, *args, **kwargs
+    ) -> torch.Tensor:
+        """LitGPT's loss, inside the precision's autocast: bf16 logits in, as a bare bf16 loop has it."""
+        if self.autocast_loss:
+            with self.fabric.autocast():
+                return chunked_cross_entropy(logits, targets, *args, **kwargs)
+        return chunked_cross_entropy(logits, targets, *args, **kwargs)
+
+
+class _RunningMeanOverRanks(RunningMean):
+    """LitGPT's running training loss, averaged over every rank when computed."""
+
+    def __init__(self, window: int, sync_on_compute: bool = False, **kwargs) -> None:
+        super().__init__(window=window, sync_on_compute=True, **kwargs)
+
+
+@torch.no_grad()
+def validate(
+    fabric: lightning.Fabric, model: torch.nn.Module, val_dataloader, max_iters: int, verbose: bool = True
+) -> torch.Tensor:
+    """LitGPT's `validate`, exact: the mean loss over every counted target on every rank together.
+
+    Batches from `RankValWindows` carry one extra column, the number of targets (counted from the end of
+    each window) that no other window holds; other batches count every target.
+    """
+    fabric.barrier()
+    if verbose:
+        fabric.print("Validating ...")
+    model.eval()
+    seq_len = model.max_seq_length
+    total = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # loss sum, targets
+    for k, batch in enumerate(val_dataloader):
+        if k >= max_iters:
+            break
+        input_ids = batch[:, :seq_len].contiguous().long()
+        targets = batch[:, 1 : seq_len + 1].contiguous().long()
+        if batch.shape[1] > seq_len + 1:
+            new = batch[:, seq_len + 1 :]
+            targets[torch.arange(seq_len, device=targets.device) < seq_len - new] = -100
+        logits = model(input_ids).flatten(0, 1)
+        for chunk, chunk_targets in zip(
+            logits.split(VALIDATION_CHUNK), targets.flatten().split(VALIDATION_CHUNK)
+        ):
+            loss = torch.nn.functional.cross_entropy(chunk.float(), chunk_targets, reduction="sum")
+            total += torch.stack([loss.double(), (chunk_targets != -100).sum().double()])
+    total = fabric.all_reduce(total, reduce_op="sum")
+    model.train()
+    fabric.barrier()
+    return (total[0] / total[1]).float()
+
+
+def die_with_parent() -> None:
+    """Get SIGKILL when the parent process dies, so no orphan keeps training (Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def rank_from_env(devices_per_node: int) -> int:
+    """This process's global rank, as its launcher (SLURM, torchrun, or Fabric's rank 0) set it; 0 by hand."""
+    env = os.environ
+    if "SLURM_PROCID" in env or "RANK" in env:
+        return int(env.get("SLURM_PROCID", env.get("RANK")))
+    return int(env.get("NODE_RANK", 0)) * devices_per_node + int(env.get("LOCAL_RANK", 0))
+
+
+def _save_hyperparameters(args: list[str], function, checkpoint_dir: Path) -> None:
+    """LitGPT's `save_hyperparameters`, from the `litgpt pretrain` arguments instead of `sys.argv`."""
+    from jsonargparse import capture_parser
+
+    parser = capture_parser(lambda: CLI(function))
+    parser.save(parser.parse_args(args), checkpoint_dir / "hyperparameters.yaml", overwrite=True)
+
+
+def pretrain(args: list[str], strategy: Strategy = "auto") -> None:
+    """Check the arguments, choose the strategy and resume point, then run LitGPT's `setup`."""
+    parser = pretrain_parser()
+    try:
+        cfg = parser.instantiate_classes(parser.parse_args(args))
+    except SystemExit:  # jsonargparse has printed why
+        raise UserError("`litgpt pretrain` rejects these arguments: see the reason above.") from None
+    devices = parse_devices(cfg.devices)
+    world = devices * cfg.num_nodes
+    check_training(cfg.train, world)
+    rank = rank_from_env(devices)
+    lock = RunLock(cfg.out_dir, f"rank-{rank}")  # held until this process ends
+    if not lock.acquire():
+        raise UserError(f"{cfg.out_dir} is being trained by another process (its lock is held).")
+    if cfg.resume == "auto":
+        point = resume_point(cfg.out_dir, say=print if rank == 0 else lambda _: None)
+        args = [*args, f"--resume={point or False}"]
+    chosen = choose_strategy(cfg, world, strategy)
+    if rank == 0 and world > 1:
+        print(f"Strategy: {chosen} over {world} processes")
+
+    lp = litgpt.pretrain
+    lp.L = _Lightning(chosen)
+    lp.chunked_cross_entropy = lp.L.chunked_cross_entropy
+    lp.validate = validate
+    lp.RunningMean = _RunningMeanOverRanks
+    lp.save_hyperparameters = partial(_save_hyperparameters, args)
+    CLI(lp.setup, args=args)
+    if rank == 0 and torch.cuda.is_available():  # beside LitGPT's "Memory Used" (read by `MICRO=auto`)
+        print(f"| - Device memory : {torch.cuda.get_device_properties(0).total_memory / 2**30:.2f} GiB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto")
+    ours, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        die_with_parent()  # a rank started by rank 0 goes when it goes
+    try:
+        pretrain(rest, ours.strategy)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

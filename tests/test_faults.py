@@ -1,0 +1,296 @@
+"""Nothing the user has is lost: faults and bad input against the real runner and queue (docs/faults.md)."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import ROOT, TOKENS_PER_STEP, UNPRIVILEGED, entry, runner, status, wait_for, write_queue
+
+from tinystories_lab.cli import main
+from tinystories_lab.experiments import runner as runner_module
+from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.runs import write_run_file
+
+
+def run_cli(argv, capsys):
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# 1. Names are folder names; nothing outside a run folder is created or deleted.
+
+
+@pytest.mark.parametrize("name", [".", "../..", "../x", ".hidden", "a/b", 123, ""])
+def test_a_name_that_is_not_a_folder_name_is_refused_and_nothing_is_touched(name, tmp_path, capsys):
+    config = "config_hub/pretrain/tiny_stories/demo/gpt_demo.yaml"
+    queue = write_queue(tmp_path / "q.yaml", [{"name": name, "config": config, "status": "running"}])
+    before = queue.read_bytes()
+    experiments = sorted((ROOT / "experiments").rglob("*"))
+    for argv in (["run-next"], ["reset", str(name), "--delete_checkpoints", "true"], ["list"]):
+        flag = "--queues" if argv[0] == "list" else "--queue"
+        code, _, err = run_cli([*argv, flag, f"[{queue}]" if argv[0] == "list" else str(queue)], capsys)
+        assert code == 1 and "becomes a folder name" in err, err
+    assert queue.read_bytes() == before
+    assert sorted((ROOT / "experiments").rglob("*")) == experiments  # no lock, no folder, nothing deleted
+
+
+def test_reset_delete_deletes_only_the_folder_the_runner_made_for_that_name(tmp_path, sample_data, capsys):
+    entries = [entry(n, tmp_path, sample_data) for n in ("hand", "linked", "other", "mine")]
+    queue = write_queue(tmp_path / "q.yaml", entries)
+    runs = tmp_path / "runs"
+    (runs / "hand" / "step-00000001").mkdir(parents=True)  # made by hand: looks like a run, is not ours
+    (tmp_path / "elsewhere" / "final").mkdir(parents=True)
+    write_run_file(tmp_path / "elsewhere", "linked", queue)
+    (runs / "linked").symlink_to(tmp_path / "elsewhere")
+    (runs / "other").mkdir()
+    write_run_file(runs / "other", "someone-else", queue)
+    (runs / "mine" / "final").mkdir(parents=True)
+    write_run_file(runs / "mine", "mine", queue)
+    refusals = {"hand": "was not made by the runner for hand", "linked": "is a symlink",
+                "other": "was not made by the runner for other"}  # fmt: skip
+    for name, message in refusals.items():
+        before = queue.read_bytes()
+        code, _, err = run_cli(["reset", name, "--queue", str(queue), "--delete_checkpoints", "true"], capsys)
+        assert code == 1 and message in err, err
+        assert queue.read_bytes() == before
+    assert (runs / "hand" / "step-00000001").is_dir() and (tmp_path / "elsewhere" / "final").is_dir()
+    assert (runs / "linked").is_symlink() and (runs / "other" / "run.yaml").is_file()
+    assert run_cli(["reset", "mine", "--queue", str(queue), "--delete_checkpoints", "true"], capsys)[0] == 0
+    assert not (runs / "mine").exists()
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, sample_data, capsys):
+    e = entry("a", tmp_path, sample_data)
+    e["args"][0] = f"--data.init_args.data_dir={tmp_path / 'nothing'}"  # token files missing
+    queue = write_queue(tmp_path / "q.yaml", [e])
+    code, _, err = run_cli(["run-next", "--queue", str(queue)], capsys)
+    assert code == 1 and "make data-sample" in err
+    assert not (tmp_path / "runs" / "a").exists()
+
+
+# 2. final/ is a checkpoint: a finished run is extended, never silently restarted over.
+
+
+@pytest.mark.slow
+def test_a_finished_run_without_step_folders_is_extended_from_final_not_restarted(tmp_path, sample_data):
+    queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, steps=8)])
+    assert runner("run-next", queue).returncode == 0
+    out = tmp_path / "runs" / "a"
+    for step in out.glob("step-*"):
+        shutil.rmtree(step)  # as the README suggests, to save disk
+    assert runner("reset", queue, "a").returncode == 0
+    longer = f"--args=--train.max_tokens={12 * TOKENS_PER_STEP}"
+    result = runner("run-next", queue, longer)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"Resuming training from {out / 'final' / 'lit_model.pth'}" in result.stdout
+    assert status(queue, "a")["last_step"] == 12
+    logged = [
+        int(line.split("iter ")[1].split()[0]) for line in result.stdout.splitlines() if "loss train" in line
+    ]
+    assert logged[0] == 9 and logged[-1] == 12  # continued, not restarted at iter 1
+
+    # A resume with nothing left to train logs only a final validation: `make list` still shows it.
+    assert runner("reset", queue, "a").returncode == 0
+    assert runner("run-next", queue).returncode == 0
+    row = listing_row(queue, "a")
+    assert "49.15k / 49.15k (100%)" in row and not row.rstrip().endswith("-")
+
+    # A truncated newest checkpoint: progress comes from the newest one that loads.
+    final = out / "final" / "lit_model.pth"
+    final.write_bytes(final.read_bytes()[:1000])
+    assert "49.15k / 49.15k (100%)" in listing_row(queue, "a")  # from step-00000012
+    for step in out.glob("step-*"):
+        shutil.rmtree(step)
+    assert "0 / 49.15k (0%)" in listing_row(queue, "a")
+
+    # Nothing loads but final/ exists: a restart from zero would overwrite it, so it must be asked for.
+    assert runner("reset", queue, "a").returncode == 0
+    before = md5(final)
+    refused = runner("run-next", queue)
+    assert refused.returncode == 1 and "would overwrite its final/" in refused.stderr
+    assert md5(final) == before and status(queue, "a")["status"] == "todo"
+    restarted = runner("run-next", queue, "--restart", "true")
+    assert restarted.returncode == 0, restarted.stdout[-3000:]
+    assert "Restarting from zero: deleted final" in restarted.stdout
+    assert torch.load(final, weights_only=True)["step_count"] == 12
+
+
+def listing_row(queue, name):
+    listing = subprocess.run(
+        [sys.executable, "-m", "tinystories_lab.cli", "list", "--queues", f"[{queue}]"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return next(line for line in listing.splitlines() if line.startswith(f"{name} "))
+
+
+# 4. A full disk: the run's error reaches the user, and the outcome is recorded.
+
+
+@contextmanager
+def tiny_disk(path, size):
+    """A real file system of `size` at `path` (tmpfs; needs root)."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_run_with_its_error_and_records_it(tmp_path, sample_data):
+    with tiny_disk(tmp_path / "runs", "4M"):  # logs fit, the first checkpoint (~22 MB) does not
+        queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, steps=8)])
+        result = runner("run-next", queue)
+        assert result.returncode != 0
+        failed = status(queue, "a")
+        assert failed["status"] == "failed" and "No space left on device" in failed["error"]
+
+
+def test_an_outcome_is_recorded_once_a_full_disk_has_room_again(tmp_path, sample_data, monkeypatch, capsys):
+    monkeypatch.setattr(runner_module, "DISK_FULL_RETRY_S", 0.2)
+    with tiny_disk(tmp_path / "disk", "256k") as disk:
+        queue = write_queue(disk / "q.yaml", [{**entry("a", tmp_path, sample_data), "status": "running"}])
+        Queue(queue).load()
+        (disk / "q.yaml.lock").touch()
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        record = threading.Thread(target=runner_module._finish, args=(Queue(queue), "a", "done"))
+        record.start()
+        wait_for(lambda: "Disk full: cannot record that a is done" in capsys.readouterr().err, timeout=30)
+        assert status(queue, "a")["status"] == "running"
+        filler.unlink()
+        record.join(timeout=30)
+        assert status(queue, "a")["status"] == "done"
+
+
+# 5. A symlinked queue stays a symlink.
+
+
+def test_a_symlinked_queue_is_rewritten_through_its_link(tmp_path, sample_data, capsys):
+    target = write_queue(tmp_path / "real.yaml", [{**entry("a", tmp_path, sample_data), "status": "failed"}])
+    link = tmp_path / "experiments.yaml"
+    link.symlink_to(target)
+    assert run_cli(["reset", "a", "--queue", str(link)], capsys)[0] == 0
+    assert link.is_symlink() and status(target, "a")["status"] == "todo"
+
+
+# 6. A failed run keeps its arguments, and run-next says what failed.
+
+
+def test_a_failed_run_is_named_by_run_next_and_keeps_its_arguments_through_reset(
+    tmp_path, sample_data, capsys
+):
+    failed = {**entry("a", tmp_path, sample_data), "status": "failed", "exit_code": 137}
+    failed["run_args"] = ["--train.max_tokens=98304"]
+    queue = write_queue(tmp_path / "q.yaml", [failed])
+    code, out, _ = run_cli(["run-next", "--queue", str(queue)], capsys)
+    assert code == 0 and "Failed: a (exit 137)" in out and "make reset MODEL=<name>" in out
+    assert run_cli(["reset", "a", "--queue", str(queue)], capsys)[0] == 0
+    a = status(queue, "a")
+    assert a["status"] == "todo" and a["run_args"] == ["--train.max_tokens=98304"] and "exit_code" not in a
+
+
+# 9. A stopped lock holder is named, and waiting for it ends.
+
+
+def test_a_stopped_queue_lock_holder_is_named_and_the_wait_ends(tmp_path, sample_data, monkeypatch, capsys):
+    queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data)])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tinystories_lab.experiments.queue import Queue\n"
+         "with Queue(sys.argv[1]).edit():\n    print('locked', flush=True); time.sleep(600)", str(queue)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGSTOP)  # Ctrl-Z
+        monkeypatch.setattr(Queue, "LOCK_TIMEOUT_S", 3)
+        monkeypatch.setattr(Queue, "LOCK_NOTICE_S", 1)
+        start = time.monotonic()
+        code, out, err = run_cli(["run-next", "--queue", str(queue)], capsys)
+        assert code == 1 and time.monotonic() - start < 30
+        assert f"Waiting for the lock of {queue}: held by pid {holder.pid}" in out
+        assert f"held by pid {holder.pid}" in err and "(stopped)" in err and "kill -CONT" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# 10. One clear line, never a traceback.
+
+
+def test_bad_training_settings_are_refused_before_start(tmp_path, sample_data, capsys):
+    cases = {
+        "--train.max_tokens=0": "train.max_tokens must be a positive number",
+        "--train.max_tokens=null": "train.max_tokens must be a positive number",
+        f"--train.max_tokens={10**20}": "train.max_tokens must be a positive number",
+        "--train.micro_batch_size=12": "global_batch_size 32 is not a multiple of processes x micro_batch",
+    }
+    for arg, message in cases.items():
+        queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, extra=[arg])])
+        before = queue.read_bytes()
+        code, _, err = run_cli(["run-next", "--queue", str(queue)], capsys)
+        assert code == 1 and message in err, (arg, err)
+        assert queue.read_bytes() == before
+        code, out, _ = run_cli(["list", "--queues", f"[{queue}]"], capsys)
+        assert code == 0 and "a " in out  # `make list` shows it without a traceback
+
+
+@pytest.mark.skipif(not UNPRIVILEGED and os.geteuid() == 0, reason="needs setpriv to drop root's file access")
+def test_unreadable_or_read_only_run_folders_get_one_line_and_block_nothing(tmp_path, sample_data):
+    shutil.copytree(sample_data, tmp_path / "data")  # readable by an unprivileged process
+    data = tmp_path / "data"
+    stale = {**entry("stale", tmp_path, data), "status": "running", "pid": 1, "host": "gone"}
+    nodata = entry("nodata", tmp_path, data)
+    nodata["args"][0] = f"--data.init_args.data_dir={tmp_path / 'nothing'}"  # refused when its turn comes
+    queue = write_queue(tmp_path / "q.yaml", [stale, nodata])
+    locked = tmp_path / "runs" / "stale"
+    locked.mkdir(parents=True)
+    locked.chmod(0o000)
+    try:
+        result = runner("run-next", queue, unprivileged=True)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "Skipping stale: its run folder" in result.stdout and "make data-sample" in result.stderr
+        listing = subprocess.run(
+            UNPRIVILEGED + [sys.executable, "-m", "tinystories_lab.cli", "list", "--queues", f"[{queue}]"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert listing.returncode == 0 and f"cannot read {locked}" in listing.stdout, listing.stderr
+        reset = runner("reset", queue, "stale", unprivileged=True)
+        assert reset.returncode == 1 and "not accessible (permission denied)" in reset.stderr
+    finally:
+        locked.chmod(0o755)
+    (tmp_path / "runs").chmod(0o555)  # a read-only experiments folder
+    try:
+        queue = write_queue(tmp_path / "q2.yaml", [entry("new", tmp_path, data)])
+        result = runner("run-next", queue, unprivileged=True)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "Cannot create the run folder" in result.stderr and "Permission denied" in result.stderr
+    finally:
+        (tmp_path / "runs").chmod(0o755)
