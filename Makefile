@@ -42,7 +42,7 @@ BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) 
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo \
-	eval sample report interpret interpret-compare export publish bench bench-sweep bench-data step-memory
+	eval sample report interpret interpret-compare export publish bench bench-sweep bench-data step-memory gpu-check
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -142,3 +142,6 @@ bench-data: ## Token-file encoding throughput, 1 thread vs all cores, on the sam
 
 step-memory: data-sample ## Peak memory of each config's real training step (MODEL=a,b DEVICE=)
 	$(LAB) step-memory $(if $(MODEL),--models '[$(MODEL)]') $(DEVICE_FLAG) --data_dir $(DATA_DIR)
+
+gpu-check: data-sample ## One-command check of a GPU box: precision, speed, MFU, memory, every tool on the device (DEVICE=)
+	$(LAB) gpu-check $(DEVICE_FLAG) --data_dir $(DATA_DIR) --out_dir $(BENCH_OUT)

@@ -49,3 +49,44 @@ def test_precision_prints_one_choice_and_its_reason():
     )
     assert result.returncode == 0 and result.stdout in ("32-true\n", "bf16-mixed\n")
     assert result.stderr.startswith(f"Training precision: {result.stdout.strip()} (")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_a_cpu_in_its_small_form_and_reports_every_field(sample_data, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinystories_lab.cli",
+        "gpu-check",
+        "--device",
+        "cpu",
+        "--models",
+        "gpt_demo",
+    ]
+    cmd += ["--data_dir", str(sample_data), "--out_dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    [path] = tmp_path.glob("*-gpu-check.json")
+    report = json.loads(path.read_text())
+    assert set(report) == {
+        "device", "date", "torch", "cuda", "precision", "precision_reason", "peak_flops_measured",
+        "peak_flops_datasheet", "memory_target_gb", "variants", "demo", "seconds",
+    }  # fmt: skip
+    assert report["device"].startswith("cpu-") and report["cuda"] is None
+    assert report["precision"] in ("32-true", "bf16-mixed") and report["precision_reason"]
+    assert report["peak_flops_measured"] > 0 and report["peak_flops_datasheet"] is None
+    assert report["memory_target_gb"] == 16 and report["seconds"] > 0
+    [v] = report["variants"]
+    assert v["model"] == "gpt_demo" and v["micro_batch_size"] == v["global_batch_size"] == 2
+    assert v["seq_len"] == 128 and v["steps"] == 2 and v["compile"] is False
+    assert v["tokens_per_s"] > 0 and 0 < v["mfu_measured_peak"] < 1 and v["mfu_datasheet_peak"] is None
+    assert 0 < v["peak_memory_gib"] < 16 and v["fits_memory_target"] is True
+    assert len(v["loss_first_last"]) == 2 and v["loss_first_last"][0] > 8  # ~ln(8192) at initialisation
+    d = report["demo"]
+    assert d["model"] == "gpt_demo" and d["steps"] == 4
+    assert set(d["seconds"]) == {"train", "eval", "sample", "interpret", "export"}
+    assert 0 < d["val_loss"] < 10 and 0 < d["bits_per_byte"] < 4
+    assert d["samples"] == 5 and 0 <= d["samples_ended_at_eos"] <= 5
+    assert 0 <= d["interpret_dead_fraction"] <= 1 and d["export_written"] is True
+    page = path.with_suffix(".md").read_text()
+    assert "| gpt_demo | 2 | 2 | no |" in page and "export with parity check: written" in page

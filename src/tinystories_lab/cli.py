@@ -7,6 +7,7 @@ import sys
 from jsonargparse import CLI, set_docstring_parse_options
 
 from tinystories_lab.bench.encoding import bench_data
+from tinystories_lab.bench.gpu_check import gpu_check
 from tinystories_lab.bench.memory import step_memory
 from tinystories_lab.bench.precision import precision
 from tinystories_lab.bench.training import bench, bench_sweep
@@ -40,6 +41,7 @@ COMMANDS = {
     "bench-sweep": bench_sweep,
     "precision": precision,
     "step-memory": step_memory,
+    "gpu-check": gpu_check,
     "export": export,
     "publish": publish,
     "interpret": interpret,

@@ -17,7 +17,7 @@ from tinystories_lab.export.parity import Parity, check_parity, parity_texts
 from tinystories_lab.models import final_checkpoint_dir, load_trained, select_experiments
 
 
-def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Parity:
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path, device: str = "cpu") -> Parity:
     """Write the LitGPT checkpoint in `checkpoint_dir` to `out_dir` and return the passed parity check.
 
     Everything is written to a temporary folder beside `out_dir` and renamed into place only once the
@@ -35,7 +35,8 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Parity:
     try:
         write_model(staging, cfg, state)
         write_tokenizer(tok, checkpoint_dir, staging, cfg["max_position_embeddings"])
-        parity = check_parity(trained, staging, parity_texts())
+        parity = check_parity(trained, staging, parity_texts(), device)
+        trained.model.cpu()
         (staging / "README.md").write_text(model_card(trained, cfg, parity, checkpoint_dir.parent))
         for path in staging.iterdir():  # mkdtemp and safetensors create owner-only files
             path.chmod(0o644)
@@ -72,7 +73,9 @@ def replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
-def export(model: str, out_dir: Path | None = None, queues: list[Path] | None = None) -> None:
+def export(
+    model: str, out_dir: Path | None = None, queues: list[Path] | None = None, device: str = "cpu"
+) -> None:
     """Export an experiment's final checkpoint to the Hugging Face format, checked against LitGPT.
 
     Writes config.json, model.safetensors, generation_config.json, tokenizer files and a model card. The
@@ -84,9 +87,10 @@ def export(model: str, out_dir: Path | None = None, queues: list[Path] | None = 
         model: The experiment's name in the queue, e.g. gpt_6L_6H_288D.
         out_dir: Where to write (default: experiments/tiny_stories/<name>/hf).
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).
+        device: Where the parity check runs both models: 'cpu' or 'cuda'.
     """
     entry = select_experiments(model, queues)[0]
     checkpoint_dir = final_checkpoint_dir(entry)
     out_dir = out_dir or out_dir_of(entry) / "hf"
-    parity = export_checkpoint(checkpoint_dir, out_dir)
+    parity = export_checkpoint(checkpoint_dir, out_dir, device)
     print(f"{entry['name']} -> {out_dir}: {parity.summary()}")

@@ -61,8 +61,8 @@ def logit_batch(trained: TrainedModel, texts: list[str], rows: int = 4) -> torch
 
 
 @torch.no_grad()
-def check_parity(trained: TrainedModel, folder: Path, texts: list[str]) -> Parity:
-    """Load `folder` with `transformers` and compare it with `trained` (fp32, CPU).
+def check_parity(trained: TrainedModel, folder: Path, texts: list[str], device: str = "cpu") -> Parity:
+    """Load `folder` with `transformers` and compare it with `trained` (fp32, on `device`).
 
     Tokenization: `AutoTokenizer` must give LitGPT's ids (BOS included) for every text and decode them
     back to the text. Logits: on a fixed batch the largest absolute difference must be under TOLERANCE.
@@ -89,8 +89,8 @@ def check_parity(trained: TrainedModel, folder: Path, texts: list[str]) -> Parit
     model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     if any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
         raise ParityError(f"transformers did not load every weight exactly: {info}.")
-    batch = logit_batch(trained, texts)
-    diff = (model.eval()(batch).logits - trained.model(batch)).abs().max().item()
+    batch = logit_batch(trained, texts).to(device)
+    diff = (model.to(device).eval()(batch).logits - trained.model.to(device)(batch)).abs().max().item()
     if not diff < TOLERANCE:  # also catches NaN
         raise ParityError(f"logits differ from LitGPT's by up to {diff:.3g} (allowed {TOLERANCE:.0e}).")
     return Parity(max_abs_diff=diff, logit_tokens=batch.numel(), texts=len(texts))

@@ -1,0 +1,233 @@
+"""`make gpu-check`: what a new GPU box does with this project, in one command (about 5 minutes on one GPU).
+
+The precision it would train in; a few compiled steps of the real variants through the project's launcher
+(tokens/s, MFU against the measured bf16 matmul peak and the card's datasheet peak, peak memory against
+the 16 GB the configs are sized for); then a demo model trained, evaluated, sampled, opened up and
+exported on the device. Results: benchmarks/results/<device>-<date>-gpu-check.json and .md. On a CPU
+(`--device cpu`) it runs the same steps, smaller, so a test covers it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+from tinystories_lab.bench.precision import choose_precision
+from tinystories_lab.bench.training import (
+    RESULTS_DIR,
+    Setting,
+    child_env,
+    device_name,
+    flops_per_token,
+    peak_flops,
+    resolve_config,
+    run_project,
+)
+from tinystories_lab.configs import parse_config
+from tinystories_lab.errors import UserError
+
+MEMORY_TARGET_BYTES = 16e9  # the GPU every config's micro batch is sized for
+DATASHEET_BF16_TFLOPS = (  # dense bf16 tensor-core peaks from NVIDIA's datasheets, by device-name substring
+    ("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
+    ("RTX 4090", 165),
+)  # fmt: skip
+VARIANTS = "gpt_6L_6H_288D,llama_6L_6H_288D,llama_12L_8H_1024D"
+DEMO = "config_hub/pretrain/tiny_stories/demo/gpt_demo.yaml"
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    """The card's dense bf16 peak in FLOP/s, when it is one of the known cards."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in DATASHEET_BF16_TFLOPS if key in name), None)
+
+
+def check_variant(
+    model: str, precision: str, steps: int, warmup: int, micro: int | None, compile: bool, data_dir: Path,
+    device: torch.device, peaks: dict,
+) -> dict:  # fmt: skip
+    """`steps` timed optimizer steps of one variant through `tinystories_lab.pretrain`."""
+    config = resolve_config(model)
+    overrides = Setting(model, precision, micro, micro).overrides(data_dir)
+    cfg = parse_config(config, *overrides)
+    tokens = (warmup + steps) * cfg.train.global_batch_size * cfg.train.max_seq_length
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_project(
+            config, [*overrides, f"--train.max_tokens={tokens}"], warmup, compile, device.type, Path(tmp)
+        )
+    fpt = flops_per_token(cfg)
+    peak_bytes = run["peak_memory_gib"] * 2**30
+    return {
+        "model": model,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "global_batch_size": cfg.train.global_batch_size,
+        "seq_len": cfg.train.max_seq_length,
+        "steps": steps,
+        "compile": compile,
+        "tokens_per_s": run["tokens_per_s"],
+        "mfu_measured_peak": run["tokens_per_s"] * fpt / peaks["measured"],
+        "mfu_datasheet_peak": run["tokens_per_s"] * fpt / peaks["datasheet"] if peaks["datasheet"] else None,
+        "peak_memory_gib": run["peak_memory_gib"],
+        "fits_memory_target": peak_bytes <= MEMORY_TARGET_BYTES,
+        "loss_first_last": [run["losses"][0], run["losses"][-1]],
+    }
+
+
+def check_demo(precision: str, steps: int, data_dir: Path, device: str, compile: bool) -> dict:
+    """Train gpt_demo briefly through the runner, then eval, sample, interpret and export it on `device`."""
+    timings = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        queue = Path(tmp) / "queue.yaml"
+        entry = {
+            "name": "gpt_demo", "config": DEMO, "status": "todo", "out_dir": f"{tmp}/gpt_demo",
+            "args": [f"--data.init_args.data_dir={data_dir}", f"--tokenizer_dir={data_dir}/tokenizers/sample",
+                     f"--precision={precision}", f"--train.max_tokens={steps * 32 * 128}",
+                     "--eval.interval=1000000"],
+        }  # fmt: skip
+        queue.write_text(yaml.safe_dump({"experiments": [entry]}, sort_keys=False))
+        queues = f"[{queue}]"
+        verbs = {
+            "train": ["run-specific", "gpt_demo", "--queue", str(queue)],
+            "eval": ["eval", "--model", "gpt_demo", "--queues", queues, "--device", device],
+            "sample": ["sample", "--model", "gpt_demo", "--queues", queues, "--device", device],
+            "interpret": ["interpret", "gpt_demo", "--queues", queues, "--device", device, "--windows", "16"],
+            "export": ["export", "gpt_demo", "--queues", queues, "--device", device],
+        }
+        for stage, argv in verbs.items():
+            t0 = time.perf_counter()
+            result = subprocess.run(
+                [sys.executable, "-m", "tinystories_lab.cli", *argv], capture_output=True, text=True,
+                env=child_env(compile, device),
+            )  # fmt: skip
+            if result.returncode != 0:
+                output = f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+                raise RuntimeError(f"`tinystories-lab {shlex.join(argv)}` failed:\n{output}")
+            timings[stage] = time.perf_counter() - t0
+        run = Path(tmp) / "gpt_demo"
+        evaluation = json.loads((run / "eval.json").read_text())
+        samples = json.loads((run / "samples.json").read_text())["samples"]
+        interp = json.loads((run / "interp" / "summary.json").read_text())
+        card = (run / "hf" / "README.md").is_file()
+    return {
+        "model": "gpt_demo",
+        "steps": steps,
+        "seconds": timings,
+        "val_loss": evaluation["loss"],
+        "bits_per_byte": evaluation["bits_per_byte"],
+        "samples": len(samples),
+        "samples_ended_at_eos": sum(s["stopped_at_eos"] for s in samples),
+        "interpret_dead_fraction": interp["dead_fraction"],
+        "export_written": card,
+    }
+
+
+def gpu_check(
+    device: str = "auto",
+    models: str = VARIANTS,
+    steps: int | None = None,
+    micro_batch_size: int | None = None,
+    data_dir: Path = Path("data"),
+    out_dir: Path = RESULTS_DIR,
+) -> dict:
+    """Check a new GPU box in one command: precision, compiled training steps of the real variants (tokens/s,
+    MFU, peak memory against 16 GB), and a demo model trained, evaluated, sampled, interpreted and exported
+    on the device. Writes <out_dir>/<device>-<date>-gpu-check.json and .md.
+
+    On a CPU (`--device cpu`) the same checks run smaller: 2 steps, no compilation, micro batch 2 unless
+    given, so the whole command is testable without a GPU.
+
+    Args:
+        device: 'auto', 'cpu' or 'cuda'.
+        models: Comma-separated experiment names (or config paths) to train for a few steps.
+        steps: Timed optimizer steps per model (default: 20 on a GPU, 2 on a CPU).
+        micro_batch_size: Override the configs' micro batches (default: theirs on a GPU, 2 on a CPU; the
+            global batch becomes the micro batch).
+        data_dir: Data folder holding the sample's tokenizer and token files (`make data-sample`).
+        out_dir: Where the results go.
+    """
+    start = time.perf_counter()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    if not (data_dir / "tokenizers" / "sample").is_dir():
+        raise UserError(f"No sample data in {data_dir}: run `make data-sample` first.")
+    precision, why = choose_precision(dev)
+    print(f"{device_name(dev)}: training precision {precision} ({why})", flush=True)
+    peaks = {"measured": peak_flops(dev, torch.bfloat16 if precision != "32-true" else torch.float32)}
+    peaks["datasheet"] = datasheet_peak(dev)
+    steps = steps or (20 if on_gpu else 2)
+    micro = micro_batch_size or (None if on_gpu else 2)
+    variants = []
+    for model in models.split(","):
+        print(f"Training {model} for {steps} steps ...", flush=True)
+        variants.append(
+            check_variant(model, precision, steps, 3 if on_gpu else 1, micro, on_gpu, data_dir, dev, peaks)
+        )
+    print("Training, evaluating, sampling, interpreting and exporting gpt_demo ...", flush=True)
+    demo = check_demo(precision, 20 if on_gpu else 4, data_dir, device, compile=on_gpu)
+    report = {
+        "device": device_name(dev),
+        "date": date.today().isoformat(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if on_gpu else None,
+        "precision": precision,
+        "precision_reason": why,
+        "peak_flops_measured": peaks["measured"],
+        "peak_flops_datasheet": peaks["datasheet"],
+        "memory_target_gb": MEMORY_TARGET_BYTES / 1e9,
+        "variants": variants,
+        "demo": demo,
+        "seconds": time.perf_counter() - start,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{report['device']}-{report['date']}-gpu-check"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(check_markdown(report) + "\n")
+    print(check_markdown(report))
+    print(f"Results: {stem}.json and .md ({report['seconds']:.0f} s)")
+    return report
+
+
+def check_markdown(report: dict) -> str:
+    """The check as a short Markdown page."""
+    datasheet = report["peak_flops_datasheet"]
+    lines = [
+        f"# GPU check: {report['device']}, {report['date']}",
+        "",
+        f"torch {report['torch']}, CUDA {report['cuda'] or '-'}; precision {report['precision']} "
+        f"({report['precision_reason']}). Matmul peak measured {report['peak_flops_measured'] / 1e12:.1f} "
+        f"TFLOP/s"
+        + (f", datasheet {datasheet / 1e12:.0f} TFLOP/s." if datasheet else ", datasheet unknown."),
+        "",
+        "| model | micro | steps | compiled | tokens/s | MFU (measured peak) | MFU (datasheet) | peak GiB | "
+        f"under {report['memory_target_gb']:.0f} GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in report["variants"]:
+        mfu = f"{v['mfu_datasheet_peak']:.1%}" if v["mfu_datasheet_peak"] is not None else "-"
+        lines.append(
+            f"| {v['model']} | {v['micro_batch_size']} | {v['steps']} | {'yes' if v['compile'] else 'no'} | "
+            f"{v['tokens_per_s']:,.0f} | {v['mfu_measured_peak']:.1%} | {mfu} | {v['peak_memory_gib']:.2f} | "
+            f"{'yes' if v['fits_memory_target'] else 'no'} |"
+        )
+    d = report["demo"]
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in d["seconds"].items())
+    lines += [
+        "",
+        f"gpt_demo, {d['steps']} steps on the device: val loss {d['val_loss']:.3f}, "
+        f"{d['bits_per_byte']:.3f} bits/byte; {d['samples']} samples ({d['samples_ended_at_eos']} ended at "
+        f"EOS); interpret: {d['interpret_dead_fraction']:.1%} dead neurons; export with parity check: "
+        f"{'written' if d['export_written'] else 'missing'}. Times: {seconds}.",
+    ]
+    return "\n".join(lines)
