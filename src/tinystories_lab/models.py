@@ -10,6 +10,7 @@ import yaml
 from litgpt import GPT, Config, Tokenizer
 
 from tinystories_lab.data import TinyStories
+from tinystories_lab.data.tokenizer import load_tokenizer
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue, find
@@ -62,7 +63,8 @@ def load_trained(
     model.load_state_dict(ckpt.load()["model"])
     model.max_seq_length = hparams["train"].get("max_seq_length") or config.block_size
     model = model.to(dtype=dtype).eval()
-    return TrainedModel(model, config, Tokenizer(checkpoint_dir), checkpoint_dir, hparams)
+    fix = f"Copy the tokenizer files of {hparams.get('tokenizer_dir')} (the run's tokenizer_dir) into it."
+    return TrainedModel(model, config, load_tokenizer(checkpoint_dir, fix), checkpoint_dir, hparams)
 
 
 def training_data(trained: TrainedModel) -> TinyStories:
