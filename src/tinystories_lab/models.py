@@ -84,9 +84,9 @@ def training_data(trained: TrainedModel) -> TinyStories:
 
 def select_experiments(model: str | None = None, queues: list[Path] | None = None) -> list[dict]:
     """The entry called `model` in the queues (refusing unknown names), or every `done` entry (refusing
-    none)."""
+    none). Each entry is a copy that also records the queue file it came from (`queue`)."""
     queues = [q for q in (queues or DEFAULT_QUEUES) if q.is_file() or queues]
-    entries = [e for q in queues for e in Queue(q).load()]
+    entries = [{**e, "queue": Path(q)} for q in queues for e in Queue(q).load()]
     if model is not None:
         return [find(entries, model)]
     done = [e for e in entries if e["status"] == "done"]
@@ -102,8 +102,10 @@ def final_checkpoint_dir(entry: dict) -> Path:
     """The experiment's `final/` folder, or an error saying how to produce it."""
     ckpt = final_checkpoint(out_dir_of(entry))
     if ckpt is None:
+        queue = entry.get("queue")  # set by select_experiments; the Makefile's QUEUE= is experiments.yaml
+        queue_arg = f" QUEUE={queue}" if queue is not None and Path(queue) != Path("experiments.yaml") else ""
         raise UserError(
             f"{entry['name']} has no final checkpoint in {out_dir_of(entry)} (status {entry['status']}); "
-            f"train it first: `make run-specific MODEL={entry['name']}`."
+            f"train it first: `make run-specific MODEL={entry['name']}{queue_arg}`."
         )
     return ckpt.folder
