@@ -5,8 +5,9 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-# The torch requirement `make install` uses. The default takes PyPI's build (CUDA on Linux);
-# CPU-only machines and CI can use `TORCH=torch==2.13.0`, or add a wheel index with TORCH_INDEX.
+# The torch requirement `make install` uses (CI pins TORCH=torch==2.13.0), and the wheel index it comes
+# from. PyPI's Linux wheels are CUDA builds (they run on a CPU too); PyTorch's CPU-only build comes
+# from TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH ?= torch>=2.7
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
@@ -47,7 +48,7 @@ BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
-install: ## Create .venv and install the project (TORCH=torch==2.13.0 for the CPU wheel)
+install: ## Create .venv and install the project (TORCH=torch==2.13.0 pins torch; TORCH_INDEX= its wheel index)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 from litgpt import Tokenizer
 
+from tinystories_lab.cli import main
 from tinystories_lab.data import TinyStories
 from tinystories_lab.data.prepare import prepare
 from tinystories_lab.data.sources import load_split, read_text_file, split_stories
-from tinystories_lab.data.tokenizer import fingerprint, train_tokenizer
+from tinystories_lab.data.tokenizer import fingerprint, load_tokenizer, train_tokenizer
 from tinystories_lab.data.tokens import read_meta, tokens_dir_for
 from tinystories_lab.errors import UserError
 
@@ -75,6 +77,18 @@ def test_missing_or_empty_text_is_refused(tmp_path):
         read_text_file(tmp_path / "empty.txt")
     with pytest.raises(UserError, match="Unknown data source"):
         load_split("no/such/folder", "train")
+
+
+def test_binary_text_is_refused_in_one_line(tmp_path):
+    (tmp_path / "image.bin").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "zeros.bin").write_bytes(bytes(1000))  # valid UTF-8, but not text
+    for separator in ("eot", "blank", None):
+        with pytest.raises(UserError, match=r"image.bin is not UTF-8 text \(invalid start byte: byte 0x80\)"):
+            read_text_file(tmp_path / "image.bin", separator)
+        with pytest.raises(UserError, match="zeros.bin holds NUL bytes: it is not a text file"):
+            read_text_file(tmp_path / "zeros.bin", separator)
+    with pytest.raises(UserError, match="is a folder, not a text file"):
+        read_text_file(tmp_path)
 
 
 def test_download_failure_says_so_and_names_offline_choices(tmp_path):
@@ -262,3 +276,112 @@ def test_ranks_split_one_stream_between_them(sample_data, monkeypatch):
         per_rank.append([w for _, w in zip(range(6), datamodule.TrainWindows(tokens, 64, seed=42))])
     interleaved = [w for pair in zip(*per_rank) for w in pair]
     assert all(torch.equal(a, b) for a, b in zip(interleaved, expected, strict=True))
+
+
+# Damaged files: one line naming the command that re-makes them; `data` rewrites what is damaged
+
+
+def copy_of_sample(sample_data, tmp_path):
+    """A data folder of this test's own holding the sample's tokenizer and token files."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(sample_data / "tokenizers" / "sample", data_dir / "tokenizers" / "sample")
+    tokens_dir = tokens_dir_for(data_dir, "sample", sample_tokenizer(data_dir))
+    shutil.copytree(tokens_dir_for(sample_data, "sample", sample_tokenizer(data_dir)), tokens_dir)
+    return data_dir, tokens_dir
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+DAMAGES = {  # file, how it is damaged, what the refusal says
+    "truncated": (
+        "train.bin",
+        lambda p: _truncate(p, 100_000),
+        "train.bin holds 50,000 tokens but meta.json",
+    ),
+    "empty": ("train.bin", lambda p: _truncate(p, 0), "train.bin is empty"),
+    "odd size": ("train.bin", lambda p: _truncate(p, 100_001), "100,001 bytes, not a whole number of uint16"),
+    "missing": ("validation.bin", lambda p: p.unlink(), "validation.bin is missing"),
+    "meta not JSON": ("meta.json", lambda p: p.write_text("garbage\n"), "meta.json is not valid JSON"),
+    "meta {}": ("meta.json", lambda p: p.write_text("{}\n"), "meta.json lacks format_version"),
+    "meta dtype": (
+        "meta.json",
+        lambda p: p.write_text(p.read_text().replace('"uint16"', '"float64"')),
+        "meta.json says dtype 'float64'",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_token_files_are_one_line_naming_the_command_for_their_source(damage, sample_data, tmp_path):
+    data_dir, tokens_dir = copy_of_sample(sample_data, tmp_path)
+    name, harm, says = DAMAGES[damage]
+    harm(tokens_dir / name)
+    folder = tmp_path / "my stories"
+    commands = {
+        "sample": f"`make data-sample DATA_DIR={data_dir}`",
+        "tinystories": f"`make data DATA_DIR={data_dir}`",
+        str(folder): f"`tinystories-lab data --source '{folder}' --data_dir {data_dir}`",
+    }
+    for source, command in commands.items():
+        module = TinyStories(source=source, data_dir=data_dir, tokens_dir=tokens_dir)
+        module.connect(sample_tokenizer(data_dir), batch_size=2, max_seq_length=16)
+        with pytest.raises(UserError) as refused:
+            module.prepare_data()
+        message = str(refused.value)
+        assert says in message and command in message and "\n" not in message, message
+    module = TinyStories(source="sample")
+    module.connect(sample_tokenizer(data_dir), batch_size=2, max_seq_length=16)
+    assert module.remake_command() == "`make data-sample`"  # the default data folder needs no DATA_DIR
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_the_data_command_rewrites_damaged_token_files_and_says_so(damage, sample_data, tmp_path, capsys):
+    data_dir, tokens_dir = copy_of_sample(sample_data, tmp_path)
+    good = {p.name: p.read_bytes() for p in tokens_dir.iterdir()}
+    name, harm, says = DAMAGES[damage]
+    harm(tokens_dir / name)
+    before = {p.name: p.stat().st_mtime_ns for p in tokens_dir.iterdir()}
+    assert prepare(source="sample", data_dir=data_dir, vocab_size=8192) == tokens_dir
+    out = capsys.readouterr().out
+    assert says in out and "rewriting" in out, out
+    assert {p.name: p.read_bytes() for p in tokens_dir.iterdir()} == good
+    if name == "train.bin":  # only what is damaged is rewritten
+        assert "validation.bin is up to date" in out
+        assert tokens_dir.joinpath("validation.bin").stat().st_mtime_ns == before["validation.bin"]
+
+
+def test_the_data_command_notices_a_token_file_changed_in_place(sample_data, tmp_path, capsys):
+    data_dir, tokens_dir = copy_of_sample(sample_data, tmp_path)
+    good = (tokens_dir / "train.bin").read_bytes()
+    (tokens_dir / "train.bin").write_bytes(bytes(len(good)))  # the right size, the wrong tokens
+    prepare(source="sample", data_dir=data_dir, vocab_size=8192)
+    assert "train.bin does not match its sha256 in meta.json: rewriting it" in capsys.readouterr().out
+    assert (tokens_dir / "train.bin").read_bytes() == good
+
+
+@pytest.mark.parametrize("file", ["tokenizer.model", "tokenizer_config.json"])
+def test_a_garbage_tokenizer_is_one_line_naming_the_fix(file, sample_data, tmp_path, capsys):
+    data_dir, _ = copy_of_sample(sample_data, tmp_path)
+    folder = data_dir / "tokenizers" / "sample"
+    (folder / file).write_bytes(b"\x00\xffnot a tokenizer" * 100)
+    with pytest.raises(UserError, match=f"The tokenizer in {folder} does not load") as refused:
+        load_tokenizer(folder)
+    assert f"Delete {folder} and re-make it with `make data-sample DATA_DIR={data_dir}`" in str(refused.value)
+    # `data` on the same folder, and a training run pointed at it, refuse with that one line
+    queue = tmp_path / "q.yaml"
+    config = "config_hub/pretrain/tiny_stories/demo/gpt_demo.yaml"
+    args = f"['--tokenizer_dir={folder}', '--data.init_args.data_dir={data_dir}']"
+    entry = f"{{name: a, config: {config}, status: todo, out_dir: {tmp_path / 'a'}, args: {args}}}"
+    queue.write_text(f"experiments:\n  - {entry}\n")
+    for argv in (
+        ["data", "--source", "sample", "--data_dir", str(data_dir)],
+        ["run-next", "--queue", str(queue)],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.count("\n") == 1 and "does not load" in err, err
+    assert "status: todo" in queue.read_text()

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -60,6 +61,7 @@ def test_eval_matches_a_direct_computation_and_its_definitions(queue, trained_de
     loss, count = direct_loss(trained, tokens)
     assert result["loss"] == pytest.approx(loss, abs=1e-5)
     assert result["tokens_evaluated"] == count == len(tokens) - 1  # the whole split
+    assert result["stories"] == meta["splits"]["validation"]["stories"] == 250
     assert result["bytes_evaluated"] == meta["splits"]["validation"]["bytes"]
     assert result["bytes_evaluated"] == sum(len(s.encode()) for s in load_split("sample", "validation"))
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
@@ -84,11 +86,25 @@ def test_eval_on_a_text_file_with_either_separator(queue, trained_demos, tmp_pat
     with pytest.raises(UserError, match="does not exist"):
         evaluate(model="llama_demo", text=tmp_path / "missing.txt", queues=[queue])
     (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            ["eval", "--model", "llama_demo", "--text", str(tmp_path / "empty.txt"), "--queues", f"[{queue}]"]
-        )
-    assert exit_info.value.code == 1
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    for bad in ("empty.txt", "binary.txt"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--model", "llama_demo", "--text", str(tmp_path / bad), "--queues", f"[{queue}]"])
+        assert exit_info.value.code == 1
+    with pytest.raises(UserError, match="binary.txt is not UTF-8 text"):
+        evaluate(model="llama_demo", text=tmp_path / "binary.txt", queues=[queue])
+
+
+def test_a_checkpoint_with_a_garbage_tokenizer_is_one_line_naming_the_fix(trained_demos, tmp_path):
+    checkpoint = tmp_path / "final"
+    shutil.copytree(trained_demos["gpt_demo"], checkpoint)
+    (checkpoint / "tokenizer.model").write_bytes(b"not a tokenizer" * 100)
+    tokenizer_dir = yaml.safe_load((checkpoint / "hyperparameters.yaml").read_text())["tokenizer_dir"]
+    with pytest.raises(UserError, match=f"The tokenizer in {checkpoint} does not load") as refused:
+        load_trained(checkpoint)
+    assert f"Copy the tokenizer files of {tokenizer_dir} (the run's tokenizer_dir) into it" in str(
+        refused.value
+    )
 
 
 def test_samples_stop_at_eos_or_the_length_limit_and_are_reproducible(queue, trained_demos):

@@ -1,10 +1,12 @@
 """Loading trained checkpoints for analysis."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.models import load_trained, select_experiments
+from tinystories_lab.models import final_checkpoint_dir, load_trained, select_experiments
 
 
 @pytest.mark.slow
@@ -57,3 +59,21 @@ def test_no_finished_experiment_is_a_clear_error(tmp_path):
         assert exit_info.value.code == 1
     with pytest.raises(UserError, match=f"No finished experiment in {queue}: train one first"):
         select_experiments(queues=[queue])
+
+
+def test_an_unfinished_run_names_the_command_with_its_queue(tmp_path, monkeypatch, capsys):
+    from tinystories_lab.cli import main
+
+    config = Path("config_hub/pretrain/tiny_stories/demo/gpt_demo.yaml").resolve()
+    entry = f"experiments:\n  - {{name: a, config: {config}, status: todo, out_dir: {tmp_path / 'a'}}}\n"
+    queue = tmp_path / "q.yaml"
+    queue.write_text(entry)
+    with pytest.raises(UserError, match=f"train it first: `make run-specific MODEL=a QUEUE={queue}`"):
+        final_checkpoint_dir(select_experiments("a", [queue])[0])
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "a", "--queues", f"[{queue}]"])
+    assert f"`make run-specific MODEL=a QUEUE={queue}`" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the Makefile's default queue needs no QUEUE=
+    Path("experiments.yaml").write_text(entry)
+    with pytest.raises(UserError, match="train it first: `make run-specific MODEL=a`."):
+        final_checkpoint_dir(select_experiments("a", [Path("experiments.yaml")])[0])

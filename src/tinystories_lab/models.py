@@ -10,6 +10,7 @@ import yaml
 from litgpt import GPT, Config, Tokenizer
 
 from tinystories_lab.data import TinyStories
+from tinystories_lab.data.tokenizer import load_tokenizer
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue, find
@@ -64,7 +65,8 @@ def load_trained(
     model.load_state_dict(state)
     model.max_seq_length = hparams["train"].get("max_seq_length") or config.block_size
     model = model.to(dtype=dtype).eval()
-    return TrainedModel(model, config, Tokenizer(checkpoint_dir), checkpoint_dir, hparams)
+    fix = f"Copy the tokenizer files of {hparams.get('tokenizer_dir')} (the run's tokenizer_dir) into it."
+    return TrainedModel(model, config, load_tokenizer(checkpoint_dir, fix), checkpoint_dir, hparams)
 
 
 def check_tied(state: dict, path: Path) -> None:
@@ -98,9 +100,9 @@ def training_data(trained: TrainedModel) -> TinyStories:
 
 def select_experiments(model: str | None = None, queues: list[Path] | None = None) -> list[dict]:
     """The entry called `model` in the queues (refusing unknown names), or every `done` entry (refusing
-    none)."""
+    none). Each entry is a copy that also records the queue file it came from (`queue`)."""
     queues = [q for q in (queues or DEFAULT_QUEUES) if q.is_file() or queues]
-    entries = [e for q in queues for e in Queue(q).load()]
+    entries = [{**e, "queue": Path(q)} for q in queues for e in Queue(q).load()]
     if model is not None:
         return [find(entries, model)]
     done = [e for e in entries if e["status"] == "done"]
@@ -116,8 +118,10 @@ def final_checkpoint_dir(entry: dict) -> Path:
     """The experiment's `final/` folder, or an error saying how to produce it."""
     ckpt = final_checkpoint(out_dir_of(entry))
     if ckpt is None:
+        queue = entry.get("queue")  # set by select_experiments; the Makefile's QUEUE= is experiments.yaml
+        queue_arg = f" QUEUE={queue}" if queue is not None and Path(queue) != Path("experiments.yaml") else ""
         raise UserError(
             f"{entry['name']} has no final checkpoint in {out_dir_of(entry)} (status {entry['status']}); "
-            f"train it first: `make run-specific MODEL={entry['name']}`."
+            f"train it first: `make run-specific MODEL={entry['name']}{queue_arg}`."
         )
     return ckpt.folder

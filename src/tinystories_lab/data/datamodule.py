@@ -11,9 +11,9 @@ from litgpt import Tokenizer
 from litgpt.data import DataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from tinystories_lab.data.sources import source_name
+from tinystories_lab.data.sources import data_command, source_name
 from tinystories_lab.data.tokenizer import fingerprint
-from tinystories_lab.data.tokens import open_split, tokens_dir_for
+from tinystories_lab.data.tokens import open_split, read_meta, tokens_dir_for
 from tinystories_lab.errors import UserError
 
 
@@ -182,9 +182,19 @@ class TinyStories(DataModule):
             return self.tokens_dir
         return tokens_dir_for(self.data_dir, source_name(self.source), self.tokenizer)
 
+    def remake_command(self) -> str:
+        """The command that makes this module's token files, named when they are missing or damaged."""
+        return data_command(self.source, self.data_dir)
+
     def split(self, split: str) -> np.ndarray:
         """The memory-mapped tokens of a split, checked against the connected tokenizer."""
-        return open_split(self.resolved_tokens_dir(), split, expected_tokenizer=fingerprint(self.tokenizer))
+        return open_split(
+            self.resolved_tokens_dir(), split, fingerprint(self.tokenizer), remake=self.remake_command()
+        )
+
+    def meta(self) -> dict:
+        """The token folder's meta.json (story, token and byte counts per split); call `split` first."""
+        return read_meta(self.resolved_tokens_dir(), self.remake_command())
 
     def prepare_data(self) -> None:
         self.split("train"), self.split("validation")  # fail early, with the command that makes them

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -32,11 +33,27 @@ def split_stories(text: str, separator: Separator = "eot") -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def read_text_file(path: Path, separator: Separator = "eot") -> list[str]:
-    """Stories of one local text file; refuses a missing or story-less file."""
+def read_text_file(path: Path, separator: Separator | None = "eot") -> list[str]:
+    """Stories of one local UTF-8 text file; refuses a missing, binary or story-less file.
+
+    `separator=None` picks 'eot' when the file holds <|endoftext|> lines, else 'blank'.
+    """
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a text file.")
     if not path.is_file():
         raise UserError(f"Text file {path} does not exist.")
-    stories = split_stories(path.read_text(encoding="utf-8"), separator)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); give a UTF-8 text file "
+            "of stories."
+        ) from None
+    if "\0" in text:
+        raise UserError(f"{path} holds NUL bytes: it is not a text file of stories.")
+    if separator is None:
+        separator = "eot" if EOT in text else "blank"
+    stories = split_stories(text, separator)
     if not stories:
         raise UserError(f"Text file {path} holds no stories (separator {separator!r}).")
     return stories
@@ -49,6 +66,16 @@ def source_name(source: str) -> str:
         return source
     path = Path(source).resolve()
     return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def data_command(source: str, data_dir: Path = Path("data")) -> str:
+    """The command that (re-)makes a source's tokenizer and token files in `data_dir`, in backquotes."""
+    default_dir = Path(data_dir) == Path("data")
+    if source in ("sample", "tinystories"):
+        target = "data-sample" if source == "sample" else "data"
+        return f"`make {target}`" if default_dir else f"`make {target} DATA_DIR={shlex.quote(str(data_dir))}`"
+    folder = "" if default_dir else f" --data_dir {shlex.quote(str(data_dir))}"
+    return f"`tinystories-lab data --source {shlex.quote(source)}{folder}`"
 
 
 def load_split(

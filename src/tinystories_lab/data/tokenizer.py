@@ -14,6 +14,7 @@ from pathlib import Path
 
 from litgpt import Tokenizer
 
+from tinystories_lab.data.sources import data_command
 from tinystories_lab.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -24,17 +25,40 @@ def is_tokenizer_dir(path: Path) -> bool:
     return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    """Load a LitGPT tokenizer folder, or explain how to make one."""
+def load_tokenizer(path: Path, fix: str | None = None) -> Tokenizer:
+    """Load a LitGPT tokenizer folder, refusing a missing or damaged one in one line that says how to fix it
+    (`fix`, by default the command that re-makes a tokenizer of the project's data folder)."""
     if not is_tokenizer_dir(path):
         raise UserError(
-            f"No tokenizer in {path} (expected tokenizer.model or tokenizer.json). Make one with `make data` "
-            "(or `make data-sample`), or point tokenizer_dir at an existing LitGPT tokenizer folder."
+            f"No tokenizer in {path} (expected tokenizer.model or tokenizer.json). "
+            + (
+                fix
+                or "Make one with `make data` (or `make data-sample`), or point tokenizer_dir at an existing "
+                "LitGPT tokenizer folder."
+            )
         )
-    tokenizer = Tokenizer(path)
+    try:
+        tokenizer = Tokenizer(path)
+    except Exception as e:  # SentencePiece, `tokenizers` and json each raise their own types for a bad file
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UserError(
+            f"The tokenizer in {path} does not load ({reason[:200]}). {fix or remake_tokenizer(path)}"
+        ) from None
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise UserError(f"The tokenizer in {path} defines no BOS or EOS token; stories need both.")
     return tokenizer
+
+
+def remake_tokenizer(path: Path) -> str:
+    """How to replace a damaged tokenizer folder: re-make it if the project made it (tokenizers/<source>)."""
+    other = "or point tokenizer_dir at a working LitGPT tokenizer folder."
+    if path.parent.name != "tokenizers":
+        return f"Replace its files with a working copy, {other}"
+    if path.name in ("sample", "tinystories"):
+        command = data_command(path.name, path.parent.parent)
+    else:
+        command = "`tinystories-lab data --source <the folder of stories it was made from>`"
+    return f"Delete {path} and re-make it with {command}, {other}"
 
 
 def fingerprint(tokenizer: Tokenizer) -> str:

@@ -17,6 +17,19 @@ from tinystories_lab.errors import UserError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+HEADER_KEYS = (
+    "format_version",
+    "tokenizer_sha256",
+    "tokenizer_name",
+    "vocab_size",
+    "bos_id",
+    "eos_id",
+    "dtype",
+)
+ANY_DATA_COMMAND = (
+    "`make data` (TinyStories), `make data-sample` (the bundled sample) or "
+    "`tinystories-lab data --source FOLDER`"
+)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -65,25 +78,103 @@ def write_split(
     chunk: int = 2048,
     desc: str = "encoding",
 ) -> dict:
-    """Encode stories into `path` ([BOS] story [EOS] ...), atomically. Returns the split's counts."""
+    """Encode stories into `path` ([BOS] story [EOS] ...), atomically. Returns the split's counts and the
+    sha256 of the file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tokens = n_bytes = 0
+    digest = hashlib.sha256()
     with open(tmp, "wb") as f, tqdm(total=len(stories), desc=desc, unit="story", unit_scale=True) as bar:
         for start in range(0, len(stories), chunk):
             batch = stories[start : start + chunk]
             flat = encode_stories(tokenizer, batch, threads)
             f.write(flat.tobytes())
+            digest.update(flat.tobytes())
             tokens += flat.size
             n_bytes += sum(len(s.encode()) for s in batch)
             bar.update(len(batch))
     os.replace(tmp, path)
-    return {"stories": len(stories), "tokens": tokens, "bytes": n_bytes}
+    return {"stories": len(stories), "tokens": tokens, "bytes": n_bytes, "file_sha256": digest.hexdigest()}
 
 
-def read_meta(tokens_dir: Path) -> dict | None:
-    """The token folder's metadata, or None if it was never completed."""
+# Damaged files are checked here only: every reader goes through read_meta and split_problem.
+
+
+def read_meta(tokens_dir: Path, remake: str = ANY_DATA_COMMAND) -> dict | None:
+    """The token folder's metadata, or None if it was never completed; refuses an invalid meta.json,
+    naming the command that re-makes it."""
+    meta, problem = _load_meta(tokens_dir)
+    if problem:
+        raise UserError(damaged(problem, remake))
+    return meta
+
+
+def split_problem(tokens_dir: Path, meta: dict, split: str, check_hash: bool = False) -> str | None:
+    """What is wrong with a split's token file by what meta.json says of it (size, and with `check_hash`
+    its sha256 when recorded), or None."""
+    path = tokens_dir / f"{split}.bin"
+    counts = meta["splits"][split]
+    if not path.is_file():
+        return f"{path} is missing"
+    size, dtype = path.stat().st_size, np.dtype(meta["dtype"])
+    if size == 0:
+        return f"{path} is empty"
+    if size % dtype.itemsize:
+        return f"{path} is {size:,} bytes, not a whole number of {dtype.name} tokens"
+    if size // dtype.itemsize != counts["tokens"]:
+        return f"{path} holds {size // dtype.itemsize:,} tokens but {META_FILE} says {counts['tokens']:,}"
+    if check_hash and "file_sha256" in counts and file_sha256(path) != counts["file_sha256"]:
+        return f"{path} does not match its sha256 in {META_FILE}"
+    return None
+
+
+def damaged(problem: str, remake: str) -> str:
+    """The one-line refusal for damaged token files."""
+    return f"{problem}: the token files are damaged. Re-make them with {remake}."
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_meta(tokens_dir: Path) -> tuple[dict | None, str | None]:
+    """(metadata, None), (None, None) when there is none, or (None, what is wrong with it)."""
     path = tokens_dir / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None, None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"{path} is not valid JSON ({e})"
+    problem = _meta_problem(meta)
+    return (None, f"{path} {problem}") if problem else (meta, None)
+
+
+def _meta_problem(meta: object) -> str | None:
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    missing = [k for k in (*HEADER_KEYS, "splits") if k not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if meta["format_version"] != FORMAT_VERSION:
+        return f"has format_version {meta['format_version']!r}; this version reads {FORMAT_VERSION}"
+    if meta["dtype"] not in ("uint16", "uint32"):
+        return f"says dtype {meta['dtype']!r}, not uint16 or uint32"
+    if not all(isinstance(meta[k], int) for k in ("vocab_size", "bos_id", "eos_id")):
+        return "has a vocab_size, bos_id or eos_id that is not an integer"
+    if not isinstance(meta["splits"], dict):
+        return "has no mapping of splits"
+    for split, counts in meta["splits"].items():
+        ints = isinstance(counts, dict) and all(
+            isinstance(counts.get(k), int) for k in ("stories", "tokens", "bytes")
+        )
+        if not (ints and isinstance(counts.get("stories_sha256"), str)):
+            return f"has an incomplete entry for split {split!r}"
+    return None
 
 
 def write_tokens(
@@ -92,7 +183,8 @@ def write_tokens(
     """Encode every split into `tokens_dir`, skipping splits whose stories and tokenizer are unchanged.
 
     Writes `<split>.bin` files and `meta.json` (tokenizer hash, vocabulary size, dtype, and per split the
-    story, token and byte counts and the hash of the stories). Returns the metadata.
+    story, token and byte counts, the hash of the stories and the file's). A damaged meta.json or token
+    file (wrong size or hash) is rewritten, saying so. Returns the metadata.
     """
     tokens_dir.mkdir(parents=True, exist_ok=True)
     header = {
@@ -104,15 +196,21 @@ def write_tokens(
         "eos_id": tokenizer.eos_id,
         "dtype": token_dtype(tokenizer.vocab_size).name,
     }
-    old = read_meta(tokens_dir) or {}
+    old, problem = _load_meta(tokens_dir)
+    if problem:
+        print(f"{problem}: rewriting every split.")
+    old = old or {}
     same_header = {k: old.get(k) for k in header} == header
     done = dict(old.get("splits", {})) if same_header else {}
     for split, stories in splits.items():
         digest = stories_fingerprint(stories)
         path = tokens_dir / f"{split}.bin"
-        if done.get(split, {}).get("stories_sha256") == digest and path.is_file():
-            print(f"{split}: {path} is up to date ({done[split]['tokens']:,} tokens)")
-            continue
+        if done.get(split, {}).get("stories_sha256") == digest:
+            problem = split_problem(tokens_dir, {**header, "splits": done}, split, check_hash=True)
+            if problem is None:
+                print(f"{split}: {path} is up to date ({done[split]['tokens']:,} tokens)")
+                continue
+            print(f"{split}: {problem}: rewriting it.")
         counts = write_split(tokenizer, stories, path, threads, desc=f"encoding {split}")
         done[split] = {**counts, "stories_sha256": digest}
         _write_json_atomic(tokens_dir / META_FILE, {**header, "splits": done})
@@ -126,15 +224,16 @@ def write_tokens(
     return meta
 
 
-def open_split(tokens_dir: Path, split: str, expected_tokenizer: str | None = None) -> np.memmap:
-    """Memory-map one split, refusing files that are missing or were made by another tokenizer."""
-    meta = read_meta(tokens_dir)
-    path = tokens_dir / f"{split}.bin"
-    if meta is None or split not in meta["splits"] or not path.is_file():
-        raise UserError(
-            f"No {split} token files in {tokens_dir}. Make them with `make data` (TinyStories), "
-            "`make data-sample` (the bundled sample) or `tinystories-lab data --source FOLDER`."
-        )
+def open_split(
+    tokens_dir: Path, split: str, expected_tokenizer: str | None = None, remake: str = ANY_DATA_COMMAND
+) -> np.memmap:
+    """Memory-map one split, refusing files that are missing, damaged or made by another tokenizer.
+
+    `remake` is the command that makes them, named in every refusal.
+    """
+    meta = read_meta(tokens_dir, remake)
+    if meta is None or split not in meta["splits"]:
+        raise UserError(f"No {split} token files in {tokens_dir}. Make them with {remake}.")
     if expected_tokenizer is not None and meta["tokenizer_sha256"] != expected_tokenizer:
         raise UserError(
             f"The token files in {tokens_dir} were made by another tokenizer ({meta['tokenizer_name']}, "
@@ -142,13 +241,10 @@ def open_split(tokens_dir: Path, split: str, expected_tokenizer: str | None = No
             f"{expected_tokenizer[:10]}). Re-make them with `tinystories-lab data --tokenizer_dir <your "
             "tokenizer>`, or point tokenizer_dir at the tokenizer that made them."
         )
-    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    if tokens.size != meta["splits"][split]["tokens"]:
-        raise UserError(
-            f"{path} holds {tokens.size:,} tokens but {META_FILE} says "
-            f"{meta['splits'][split]['tokens']:,}; it is damaged. Re-make it with `make data`."
-        )
-    return tokens
+    problem = split_problem(tokens_dir, meta, split)
+    if problem:
+        raise UserError(damaged(problem, remake))
+    return np.memmap(tokens_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from tinystories_lab.configs import architecture, count_parameters, format_table
-from tinystories_lab.data.sources import EOT, Separator, read_text_file
-from tinystories_lab.data.tokens import encode_stories, read_meta
+from tinystories_lab.data.sources import Separator, read_text_file
+from tinystories_lab.data.tokens import encode_stories
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, read_curves
 from tinystories_lab.models import (
@@ -63,19 +63,18 @@ def text_tokens(
     trained: TrainedModel, path: Path, separator: Separator | None
 ) -> tuple[np.ndarray, int, int]:
     """[BOS] story [EOS] tokens of a text file, its byte count, and its story count."""
-    if separator is None:
-        separator = "eot" if path.is_file() and EOT in path.read_text(encoding="utf-8") else "blank"
-    stories = read_text_file(path, separator)  # refuses a missing or empty file
+    stories = read_text_file(path, separator)  # refuses a missing, binary or empty file; None: detect
     tokens = encode_stories(trained.tokenizer, stories)
     return tokens, sum(len(s.encode()) for s in stories), len(stories)
 
 
-def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, str]:
-    """The run's own validation split (checked against its tokenizer), its byte count, and a description."""
+def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, int, str]:
+    """The run's own validation split (checked against its tokenizer), its byte and story counts, and a
+    description."""
     data = training_data(trained)
     tokens = data.split("validation")
-    meta = read_meta(data.resolved_tokens_dir())
-    return tokens, meta["splits"]["validation"]["bytes"], f"validation split of {data.source}"
+    counts = data.meta()["splits"]["validation"]
+    return tokens, counts["bytes"], counts["stories"], f"validation split of {data.source}"
 
 
 def training_summary(out_dir: Path, hparams: dict, thresholds: list[float]) -> dict:
@@ -109,8 +108,7 @@ def evaluate_run(
     """Evaluate one checkpoint on its validation split (or a text file) and summarise its training run."""
     trained = load_trained(checkpoint_dir)
     if text is None:
-        tokens, n_bytes, described = validation_tokens(trained)
-        stories = None
+        tokens, n_bytes, stories, described = validation_tokens(trained)
     else:
         tokens, n_bytes, stories = text_tokens(trained, text, separator)
         described = str(text)
