@@ -113,10 +113,12 @@ def load_hf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_name(hf, revision)
+    offline = hub_offline()  # then from the cache only
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            hf, revision=revision, dtype=torch.float32, cache_dir=cache_dir, output_loading_info=True
-        )
+            hf, revision=revision, dtype=torch.float32, cache_dir=cache_dir, local_files_only=offline,
+            output_loading_info=True,
+        )  # fmt: skip
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load the model {hf}: {_first_line(e)}") from None
     if info["missing_keys"]:
@@ -127,8 +129,9 @@ def load_hf(
     source = tokenizer or hf
     try:
         tok = AutoTokenizer.from_pretrained(
-            source, revision=tokenizer_revision if tokenizer else revision, cache_dir=cache_dir
-        )
+            source, revision=tokenizer_revision if tokenizer else revision, cache_dir=cache_dir,
+            local_files_only=offline,
+        )  # fmt: skip
     except (OSError, ValueError, TypeError) as e:
         raise UserError(
             f"Could not load a tokenizer from {source}: {_first_line(e)}. Name the one the model was "
@@ -193,7 +196,8 @@ def score_hf(
     """Loss per token, bits per byte and tokens per byte of a `transformers` model on `stories`."""
     device = resolve_device(device)
     known = next((r for r in REFERENCES if r.repo == hf), None)
-    if known is not None:  # a published model: its own training context, boundary and tokenizer
+    if known is not None:  # a published model: its pin, its training context, boundary and tokenizer
+        revision = revision or known.revision
         context = context or known.context
         boundary = known.boundary if boundary == "auto" else boundary
         if tokenizer is None and known.tokenizer:
@@ -309,7 +313,8 @@ def eval_hf(
         source: Whose validation split to score: 'tinystories', 'sample' or a local folder, as
             `tinystories-lab data --source` (make eval uses the split of the source each run trained on).
         data_dir: The project's data folder (the TinyStories download is cached in data_dir/hf).
-        revision: The Hub revision (commit hash, branch or tag) of the model and its tokenizer.
+        revision: The Hub revision (commit hash, branch or tag) of the model and its tokenizer (default:
+            the pinned one for the published models, else main).
         tokenizer: Load the tokenizer from this Hub id or folder instead of the model's.
         tokenizer_revision: The Hub revision of `tokenizer`.
         context: Window length in tokens (default: the published models' training context, else the
@@ -378,9 +383,8 @@ def eval_reference(
     results = []
     for ref in refs:
         result = score_hf(
-            ref.repo, stories, described, ref.revision, batch_size=batch_size, device=device,
-            cache_dir=cache_dir,
-        )  # fmt: skip
+            ref.repo, stories, described, batch_size=batch_size, device=device, cache_dir=cache_dir
+        )
         result["name"] = result_name(ref.repo, source, text)
         write_result(result, out_dir, result["name"])
         results.append(result)
@@ -411,12 +415,20 @@ def is_cached(ref: Reference, cache_dir: Path | None = None) -> bool:
     return isinstance(found, str)
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face's offline mode is on, now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return bool(constants.HF_HUB_OFFLINE) or now
+
+
 def hub_unreachable(timeout: float = 5.0) -> str | None:
     """Why the Hugging Face Hub cannot be reached (offline mode, or no answer within `timeout` s), or None."""
     import httpx
     from huggingface_hub import constants, get_session
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return "HF_HUB_OFFLINE is set"
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     try:
