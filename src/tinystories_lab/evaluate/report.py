@@ -193,11 +193,11 @@ def figure_scaling(evaluated: list[Run], anchors: list[dict], references: list[d
                 [r["bits_per_byte"] for r in references],
                 "s",
                 color="dimgray",
-                label="published, measured here",
+                label="other models, measured here (eval-hf)",
             )
             for r in references:
                 ax.annotate(
-                    r["model"].split("/")[-1], (r["parameters"], r["bits_per_byte"]), fontsize=7,
+                    r["name"].split("--")[-1], (r["parameters"], r["bits_per_byte"]), fontsize=7,
                     xytext=(3, -9), textcoords="offset points", color="dimgray",
                 )  # fmt: skip
         if key == "bits_per_byte":
