@@ -32,18 +32,24 @@ DEVICE ?=
 REPO ?=
 STEPS ?=
 PRECISION ?=
+HF ?=
+REVISION ?=
+CONTEXT ?=
+SOURCE ?=
 BENCH_OUT ?= benchmarks/results
 
 RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) \
 	$(if $(MICRO),--micro_batch_size $(MICRO))
 DEMO_QUEUE = --queues '[experiments.demo.yaml]'
 DEVICE_FLAG = $(if $(DEVICE),--device $(DEVICE))
+EVAL_TEXT_FLAGS = $(if $(TEXT),--text '$(TEXT)') $(if $(SOURCE),--source '$(SOURCE)') --data_dir $(DATA_DIR)
 BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) --data_dir $(DATA_DIR) \
 	--out_dir $(BENCH_OUT) $(DEVICE_FLAG)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo \
-	eval sample report interpret interpret-compare export publish bench bench-sweep bench-data step-memory gpu-check
+	eval eval-hf eval-reference sample report interpret interpret-compare export publish bench bench-sweep bench-data \
+	step-memory gpu-check
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -109,6 +115,13 @@ demo: data-sample ## Offline demo: sample data, train both demo models (PRECISIO
 
 eval: ## Loss, perplexity, bits/byte of finished runs on the whole validation split (MODEL=, TEXT=, DEVICE=)
 	$(LAB) eval $(if $(MODEL),--model '$(MODEL)') $(if $(TEXT),--text '$(TEXT)') $(DEVICE_FLAG)
+
+eval-hf: ## Bits/byte of any transformers model on the same stories: HF=hub-id-or-folder (TEXT= REVISION= CONTEXT= SOURCE= DEVICE=)
+	$(LAB) eval-hf '$(HF)' $(EVAL_TEXT_FLAGS) $(if $(REVISION),--revision '$(REVISION)') \
+		$(if $(CONTEXT),--context $(CONTEXT)) $(DEVICE_FLAG)
+
+eval-reference: ## The published TinyStories models, pinned, scored as eval-hf does (needs a network once; MODEL= TEXT= SOURCE=)
+	$(LAB) eval-reference $(if $(MODEL),--model '$(MODEL)') $(EVAL_TEXT_FLAGS) $(DEVICE_FLAG)
 
 sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=, DEVICE=)
 	$(LAB) sample $(if $(MODEL),--model '$(MODEL)') $(DEVICE_FLAG)

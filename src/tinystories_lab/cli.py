@@ -15,6 +15,7 @@ from tinystories_lab.configs import configs
 from tinystories_lab.data.prepare import prepare
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import evaluate
+from tinystories_lab.evaluate.reference import eval_hf, eval_reference
 from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.samples import sample
 from tinystories_lab.experiments.listing import list_experiments
@@ -35,6 +36,8 @@ COMMANDS = {
     "cancel": cancel,
     "slurm-record": slurm_record,
     "eval": evaluate,
+    "eval-hf": eval_hf,
+    "eval-reference": eval_reference,
     "sample": sample,
     "report": report,
     "bench": bench,

@@ -21,6 +21,9 @@ def prepare(
 ) -> Path:
     """Prepare a dataset for training: download or read stories, train a tokenizer, write token files.
 
+    Also counts the validation stories that occur in the training split too (exact match after
+    whitespace normalisation), prints the count and records it in meta.json.
+
     Args:
         source: 'tinystories' (the Hugging Face dataset roneneldan/TinyStories), 'sample' (the bundled
             sample, no network) or a folder holding train.txt and validation.txt.
@@ -54,7 +57,13 @@ def prepare(
             "a new tokenizer (pass another --tokenizer_dir, or delete this one, to train it)."
         )
     tokens_dir = tokens_dir_for(data_dir, name, tokenizer)
-    write_tokens(tokenizer, splits, tokens_dir, threads)
+    meta = write_tokens(tokenizer, splits, tokens_dir, threads)
+    if "validation_in_train" in meta:
+        n, of = meta["validation_in_train"]["stories"], meta["splits"]["validation"]["stories"]
+        print(
+            f"validation: {n:,} of {of:,} stories ({n / of:.1%}) also occur in the training split "
+            "(exact match after whitespace normalisation)"
+        )
     print(
         f"Token files ready in {tokens_dir} (tokenizer {tokenizer_dir}, vocabulary {tokenizer.vocab_size:,})"
     )

@@ -51,6 +51,20 @@ def stories_fingerprint(stories: list[str]) -> str:
     return h.hexdigest()
 
 
+def normalise_whitespace(story: str) -> str:
+    """The story with every run of whitespace made one space, for comparing stories."""
+    return " ".join(story.split())
+
+
+def validation_in_train(train: list[str], validation: list[str]) -> int:
+    """How many validation stories also occur in the training split (exact match after whitespace
+    normalisation; a story that occurs twice in validation counts twice)."""
+    wanted = {normalise_whitespace(s) for s in validation}
+    train = tqdm(train, desc="validation stories in train", unit="story", unit_scale=True)
+    found = {n for n in map(normalise_whitespace, train) if n in wanted}
+    return sum(normalise_whitespace(s) in found for s in validation)
+
+
 def encode_batch(tokenizer: Tokenizer, stories: list[str], threads: int) -> list[list[int]]:
     """Token ids of each story, without BOS/EOS, using the backend's own multi-threaded batch encoder."""
     if tokenizer.backend == "sentencepiece":
@@ -183,8 +197,9 @@ def write_tokens(
     """Encode every split into `tokens_dir`, skipping splits whose stories and tokenizer are unchanged.
 
     Writes `<split>.bin` files and `meta.json` (tokenizer hash, vocabulary size, dtype, and per split the
-    story, token and byte counts, the hash of the stories and the file's). A damaged meta.json or token
-    file (wrong size or hash) is rewritten, saying so. Returns the metadata.
+    story, token and byte counts, the hash of the stories and the file's; `validation_in_train`: how many
+    validation stories also occur in the training split). A damaged meta.json or token file (wrong size or
+    hash) is rewritten, saying so. Returns the metadata.
     """
     tokens_dir.mkdir(parents=True, exist_ok=True)
     header = {
@@ -219,9 +234,28 @@ def write_tokens(
             f"{counts['bytes'] / counts['tokens']:.2f} bytes/token -> {path}"
         )
     meta = {**header, "splits": done}
+    overlap = _overlap(splits, done, old.get("validation_in_train"))
+    if overlap:
+        meta["validation_in_train"] = overlap
     if meta != old:
         _write_json_atomic(tokens_dir / META_FILE, meta)
     return meta
+
+
+def _overlap(splits: dict[str, list[str]], done: dict, old: dict | None) -> dict | None:
+    """meta.json's `validation_in_train`, recounted only when either split's stories changed.
+
+    It describes the stories, not the token files, so it is no part of the up-to-date check: a
+    meta.json without it (made before it existed) still loads and gets it on the next run, unencoded.
+    """
+    if "train" not in done or "validation" not in done:
+        return None
+    key = {f"{split}_sha256": done[split]["stories_sha256"] for split in ("train", "validation")}
+    if old and all(old.get(k) == v for k, v in key.items()):
+        return old
+    if "train" not in splits or "validation" not in splits:
+        return None
+    return {"stories": validation_in_train(splits["train"], splits["validation"]), **key}
 
 
 def open_split(

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from tinystories_lab.configs import architecture, count_parameters, format_table
 from tinystories_lab.data.sources import Separator, read_text_file
-from tinystories_lab.data.tokens import encode_stories
+from tinystories_lab.data.tokens import encode_stories, stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, read_curves
 from tinystories_lab.models import (
@@ -29,28 +30,32 @@ THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
 
 
 @torch.no_grad()
-def text_loss(
-    trained: TrainedModel, tokens: np.ndarray, batch_size: int = 16, device: str = "cpu", desc: str = "eval"
+def window_loss(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    tokens: np.ndarray,
+    context: int,
+    batch_size: int = 16,
+    device: str = "cpu",
+    desc: str = "eval",
 ) -> tuple[float, int]:
     """Mean next-token loss (nats) over every token of `tokens` but the first, and how many were predicted.
 
-    Windows of `max_seq_length + 1` tokens with stride `max_seq_length` (the last one shorter) make
-    every token a target exactly once; the mean is over tokens, not over batches.
+    Windows of `context + 1` tokens with stride `context` (the last one shorter) make every token a
+    target exactly once; the mean is over tokens, not over batches. `forward` maps a batch of token ids
+    (on `device`) to logits: LitGPT's `GPT` as it is, a `transformers` model through `.logits`.
     """
-    seq_len = trained.max_seq_length
-    starts = list(range(0, len(tokens) - 1, seq_len))
+    starts = list(range(0, len(tokens) - 1, context))
     if not starts:
         raise UserError("The text is too short to evaluate: it needs at least two tokens.")
-    full = [s for s in starts if s + seq_len + 1 <= len(tokens)]
+    full = [s for s in starts if s + context + 1 <= len(tokens)]
     batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     if len(full) < len(starts):
         batches.append(starts[len(full) :])  # the shorter tail window, alone
     total, count = 0.0, 0
-    model = trained.model.to(device)
     for batch in tqdm(batches, desc=desc, unit="batch"):
-        width = min(seq_len + 1, len(tokens) - batch[0])
+        width = min(context + 1, len(tokens) - batch[0])
         x = torch.from_numpy(np.stack([tokens[s : s + width] for s in batch]).astype(np.int64)).to(device)
-        logits = model(x[:, :-1])
+        logits = forward(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum"
         )
@@ -59,22 +64,41 @@ def text_loss(
     return total / count, count
 
 
+def text_loss(
+    trained: TrainedModel, tokens: np.ndarray, batch_size: int = 16, device: str = "cpu", desc: str = "eval"
+) -> tuple[float, int]:
+    """`window_loss` of a LitGPT checkpoint, with windows of its training context."""
+    model = trained.model.to(device)
+    return window_loss(model, tokens, trained.max_seq_length, batch_size, device, desc)
+
+
 def text_tokens(
     trained: TrainedModel, path: Path, separator: Separator | None
-) -> tuple[np.ndarray, int, int]:
-    """[BOS] story [EOS] tokens of a text file, its byte count, and its story count."""
+) -> tuple[np.ndarray, int, list[str]]:
+    """[BOS] story [EOS] tokens of a text file, its byte count, and its stories."""
     stories = read_text_file(path, separator)  # refuses a missing, binary or empty file; None: detect
     tokens = encode_stories(trained.tokenizer, stories)
-    return tokens, sum(len(s.encode()) for s in stories), len(stories)
+    return tokens, sum(len(s.encode()) for s in stories), stories
 
 
-def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, int, str]:
-    """The run's own validation split (checked against its tokenizer), its byte and story counts, and a
-    description."""
+def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, str, dict]:
+    """The run's own validation split (checked against its tokenizer), its byte count, a description,
+    and what meta.json says about its stories (their hash, how many also occur in the training split)."""
     data = training_data(trained)
     tokens = data.split("validation")
-    counts = data.meta()["splits"]["validation"]
-    return tokens, counts["bytes"], counts["stories"], f"validation split of {data.source}"
+    meta = data.meta()
+    split = meta["splits"]["validation"]
+    about = {
+        "stories": split["stories"],
+        "stories_sha256": split.get("stories_sha256"),
+        "validation_stories_in_train": (meta.get("validation_in_train") or {}).get("stories"),
+    }
+    return tokens, split["bytes"], validation_text(data.source), about
+
+
+def validation_text(source: str) -> str:
+    """How an evaluation on a source's validation split is described (in eval.json and reference results)."""
+    return f"validation split of {source}"
 
 
 def training_summary(out_dir: Path, hparams: dict, thresholds: list[float]) -> dict:
@@ -108,10 +132,15 @@ def evaluate_run(
     """Evaluate one checkpoint on its validation split (or a text file) and summarise its training run."""
     trained = load_trained(checkpoint_dir)
     if text is None:
-        tokens, n_bytes, stories, described = validation_tokens(trained)
+        tokens, n_bytes, described, about = validation_tokens(trained)
     else:
         tokens, n_bytes, stories = text_tokens(trained, text, separator)
         described = str(text)
+        about = {
+            "stories": len(stories),
+            "stories_sha256": stories_fingerprint(stories),
+            "validation_stories_in_train": None,
+        }
     loss, n_tokens = text_loss(trained, tokens, batch_size, device, desc=f"eval {trained.name}")
     ckpt = Checkpoint(checkpoint_dir / "lit_model.pth")
     state = ckpt.load()
@@ -123,7 +152,7 @@ def evaluate_run(
         "tokens_trained": ckpt.tokens_seen(),
         "steps": int(state["step_count"]),
         "eval_text": described,
-        "stories": stories,
+        **about,
         "context": trained.max_seq_length,
         "windows": math.ceil(n_tokens / trained.max_seq_length),
         "tokens_evaluated": n_tokens,

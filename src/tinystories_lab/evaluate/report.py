@@ -12,6 +12,7 @@ import yaml
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
+from tinystories_lab.evaluate.reference import REFERENCE_DIR
 from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import Point, final_checkpoint, is_current, out_dir_of, read_curves
@@ -29,9 +30,17 @@ RESULTS_NOTE = (
 )
 SAMPLES_NOTE = "Same prompts, seeds, temperature and top-k for both; **[EOS]** marks a story the model ended."
 REFERENCE_NOTE = (
-    "For context only. Per-token losses compare only between runs with the same tokenizer and "
-    "evaluation set: these use other tokenizers (Llama 2's or their own), other evaluation sets and "
-    "token budgets. Bits per byte is the fairer comparison."
+    "Quoted from their authors, for context only, where nothing was measured here. Per-token losses "
+    "compare only between runs with the same tokenizer and evaluation set: these use other tokenizers "
+    "(Llama 2's or their own), other evaluation sets and token budgets. Bits per byte is the fairer "
+    "comparison."
+)
+MEASURED_NOTE = (
+    "Rows marked *reference* are published models scored here on the same stories (`make "
+    "eval-reference`, `make eval-hf`), each with its own tokenizer, context and story boundary: their "
+    "loss and perplexity are per token of their own tokenizer, so compare bits per byte. Their "
+    "parameter counts include every stored embedding row. They may have seen these stories, or "
+    "others from other TinyStories versions, in training: see docs/reference-models.md."
 )
 
 
@@ -81,6 +90,15 @@ def load_runs(queues: list[Path]) -> list[Run]:
                     setattr(run, attr, json.loads((out_dir / name).read_text()))
             runs.append(run)
     return runs
+
+
+def load_references(reference_dir: Path, evaluated: list[Run]) -> list[dict]:
+    """The measured reference results (`make eval-reference`, `make eval-hf`) on the stories an evaluated
+    run was scored on (same stories hash; the same description for eval.json files older than the hash)."""
+    texts = {r.eval.get("stories_sha256") or r.eval["eval_text"] for r in evaluated}
+    found = [json.loads(p.read_text()) for p in sorted(reference_dir.glob("*.json"))]
+    same = [f for f in found if f.get("stories_sha256") in texts or f.get("eval_text") in texts]
+    return sorted(same, key=lambda f: f["parameters"])
 
 
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -147,8 +165,9 @@ def figure_gpt_vs_llama(pairs: dict[str, dict[str, Run]], path: Path) -> None:
     plt.close(fig)
 
 
-def figure_scaling(evaluated: list[Run], anchors: list[dict], path: Path) -> None:
-    """Final validation loss, perplexity and bits per byte against true parameters."""
+def figure_scaling(evaluated: list[Run], anchors: list[dict], references: list[dict], path: Path) -> None:
+    """Final validation loss, perplexity and bits per byte against true parameters; the bits-per-byte
+    panel adds the published models measured on the same stories, and quoted numbers for the others."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, key, label in zip(
         axes,
@@ -168,14 +187,28 @@ def figure_scaling(evaluated: list[Run], anchors: list[dict], path: Path) -> Non
                 ax.annotate(
                     r.name, (r.parameters, r.eval[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
                 )
-        if key == "bits_per_byte":
-            refs = [a for a in anchors if a.get("approx_bits_per_byte") and a.get("parameters")]
+        if key == "bits_per_byte" and references:
             ax.plot(
-                [a["parameters"] for a in refs],
-                [a["approx_bits_per_byte"] for a in refs],
+                [r["parameters"] for r in references],
+                [r["bits_per_byte"] for r in references],
                 "s",
+                color="dimgray",
+                label="other models, measured here (eval-hf)",
+            )
+            for r in references:
+                ax.annotate(
+                    r["name"].split("--")[-1], (r["parameters"], r["bits_per_byte"]), fontsize=7,
+                    xytext=(3, -9), textcoords="offset points", color="dimgray",
+                )  # fmt: skip
+        if key == "bits_per_byte":
+            quoted = [a for a in unmeasured(anchors, references) if a.get("approx_bits_per_byte")]
+            quoted = [a for a in quoted if a.get("parameters")]
+            ax.plot(
+                [a["parameters"] for a in quoted],
+                [a["approx_bits_per_byte"] for a in quoted],
+                "x",
                 color="gray",
-                label="llama2.c (approx.)",
+                label="llama2.c, quoted (approx.)",
             )
         ax.set(xlabel="true parameters", ylabel=label)
         ax.set_xscale("log" if ax.get_xlim()[1] > 10 * ax.get_xlim()[0] else "linear")
@@ -208,7 +241,13 @@ def fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def results_table(evaluated: list[Run], thresholds: list[str]) -> list[str]:
+def unmeasured(anchors: list[dict], references: list[dict]) -> list[dict]:
+    """The quoted results of models not measured here on the same stories."""
+    measured = {r["model"] for r in references}
+    return [a for a in anchors if a.get("measured_as") not in measured]
+
+
+def results_table(evaluated: list[Run], thresholds: list[str], references: list[dict] = ()) -> list[str]:
     header = [
         "run",
         "arch",
@@ -238,6 +277,11 @@ def results_table(evaluated: list[Run], thresholds: list[str]) -> list[str]:
             "-" if wall is None else f"{wall / 60:.1f} min",
         ] + [fmt(e["tokens_to_val_loss"].get(t), ",") for t in thresholds]
         lines.append("| " + " | ".join(cells) + " |")
+    for r in references:
+        name, params = f"`{r['model']}` *reference*", f"{r['parameters'] / 1e6:.2f}M"
+        cells = [name, r["model_type"], r["size"], params, "-", fmt(r["loss"]), fmt(r["perplexity"], ".2f"),
+                 fmt(r["bits_per_byte"]), "-", "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells + ["-"] * len(thresholds)) + " |")
     return lines
 
 
@@ -261,16 +305,37 @@ def _cell(sample: dict) -> str:
     return text + (" **[EOS]**" if sample["stopped_at_eos"] else " …")
 
 
-def anchors_section(anchors: dict) -> list[str]:
-    """The published results of anchors.yaml as a table, with their caveats."""
-    header = "| model | shape | tokenizer | eval set | tokens trained | val loss | ~bits/byte | source |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    for a in anchors["validation_loss"]:
+def anchors_section(anchors: dict, references: list[dict] = ()) -> list[str]:
+    """The quoted results of anchors.yaml as a table, with their caveats; those of models measured here
+    on the same stories are left out (their measured rows are in the results table)."""
+    header = ["model", "shape", "tokenizer", "eval set", "tokens trained", "val loss, quoted",
+              "~bits/byte, quoted", "source"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    quoted = unmeasured(anchors["validation_loss"], references)
+    for a in quoted:
         cells = [a["model"], a["shape"], a["tokenizer"], a["eval_set"], a["tokens_trained"], a["loss"],
                  a.get("approx_bits_per_byte", "-"), a["source"]]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    dropped = [a["model"] for a in anchors["validation_loss"] if a not in quoted]
+    if dropped:
+        lines += ["", f"Measured here on the same stories, so not quoted: {', '.join(dropped)}."]
     lines += [""] + [f"- {n}" for n in anchors["notes"]]
     return lines + ["", "Training throughput:", ""] + [f"- {t}" for t in anchors["throughput"]]
+
+
+def overlap_lines(evaluated: list[Run]) -> list[str]:
+    """For each validation split the runs were scored on: how many of its stories the training split holds."""
+    lines, seen = [], set()
+    for r in evaluated:
+        e = r.eval
+        if e.get("validation_stories_in_train") is None or e["eval_text"] in seen:
+            continue
+        seen.add(e["eval_text"])
+        lines.append(
+            f"- {e['eval_text']}: {e['validation_stories_in_train']:,} of {e['stories']:,} stories also "
+            "occur in the training split (exact match after whitespace normalisation)."
+        )
+    return lines + [""] if lines else []
 
 
 def figure_link(stem: str, figures: dict[str, str]) -> str:
@@ -320,7 +385,9 @@ def interpretability_links(runs: list[Run], out_dir: Path) -> list[str]:
     return links
 
 
-def report(queues: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> Path:
+def report(
+    queues: list[Path] | None = None, out_dir: Path = REPORT_DIR, reference_dir: Path = REFERENCE_DIR
+) -> Path:
     """Compare every run in one Markdown report with figures: experiments/report/README.md.
 
     Finished runs need `make eval` (and `make sample` for the samples section) first; runs that are
@@ -330,6 +397,8 @@ def report(queues: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> Path
         queues: Queue files whose experiments to compare (default: experiments.yaml and
             experiments.demo.yaml, those that exist).
         out_dir: Where the report and its figures go.
+        reference_dir: Measured results of published models (`make eval-reference`, `make eval-hf`);
+            those on the runs' stories join the results table and the scaling figure.
     """
     queues = queues or [q for q in DEFAULT_QUEUES if q.is_file()]
     runs = load_runs(queues)
@@ -337,6 +406,7 @@ def report(queues: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> Path
     anchors = yaml.safe_load(ANCHORS.read_text())
     evaluated = [r for r in runs if r.finished and r.eval]
     pending = [r for r in runs if r not in evaluated]
+    references = load_references(reference_dir, evaluated)
     by_size: dict[str, dict[str, Run]] = {}
     for r in evaluated:
         by_size.setdefault(r.size, {})[r.arch] = r
@@ -350,7 +420,7 @@ def report(queues: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> Path
         figure_gpt_vs_llama(pairs, out_dir / "gpt_vs_llama.png")
         figures["gpt_vs_llama"] = "GPT vs LLaMA at each size"
     if evaluated:
-        figure_scaling(evaluated, anchors["validation_loss"], out_dir / "scaling.png")
+        figure_scaling(evaluated, anchors["validation_loss"], references, out_dir / "scaling.png")
         figures["scaling"] = "Final validation loss, perplexity and bits per byte against true parameters"
         figure_throughput(evaluated, out_dir / "throughput.png")
         figures["throughput"] = "Training throughput"
@@ -359,7 +429,9 @@ def report(queues: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> Path
     lines += ["## Results", ""]
     if evaluated:
         thresholds = list(evaluated[0].eval["tokens_to_val_loss"])
-        lines += results_table(evaluated, thresholds) + ["", RESULTS_NOTE, ""]
+        lines += results_table(evaluated, thresholds, references) + ["", RESULTS_NOTE, ""]
+        lines += [MEASURED_NOTE, ""] if references else []
+        lines += overlap_lines(evaluated)
     else:
         lines += ["No evaluated run yet: train (`make run-next`), then `make eval`.", ""]
     if pending:
@@ -383,9 +455,11 @@ def report(queues: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> Path
     links = interpretability_links(runs, out_dir)
     if links:
         lines += ["## Interpretability", ""] + links + [""]
-    lines += ["## Published reference results", "", REFERENCE_NOTE, ""] + anchors_section(anchors) + [""]
+    lines += ["## Published reference results (quoted)", "", REFERENCE_NOTE, ""]
+    lines += anchors_section(anchors, references) + [""]
     (out_dir / "README.md").write_text("\n".join(lines))
     print(
-        f"Report: {out_dir / 'README.md'}: {len(evaluated)} runs compared, {len(pending)} listed as pending"
+        f"Report: {out_dir / 'README.md'}: {len(evaluated)} runs and {len(references)} published models "
+        f"compared, {len(pending)} runs listed as pending"
     )
     return out_dir / "README.md"

@@ -22,6 +22,9 @@ from tinystories_lab.errors import UserError
 ARCHITECTURES = {"GptNeoxMLP": "GPTNeoXForCausalLM", "LLaMAMLP": "LlamaForCausalLM"}
 # The output matrix each architecture drops from its weights file when it is tied to the input embedding.
 OUTPUT_WEIGHT = {"GPTNeoXForCausalLM": "embed_out.weight", "LlamaForCausalLM": "lm_head.weight"}
+# How this project's token files mark stories ([BOS] story [EOS]), written into config.json so that
+# `make eval-hf` scores an export as it was trained (transformers keeps unknown keys as attributes).
+BOUNDARY_KEY = "tinystories_lab_story_boundary"
 GELU = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}  # LitGPT's `gelu_approximate` -> HF `hidden_act`
 # LitGPT options neither architecture has: exporting needs them at their defaults.
 UNMAPPED_OPTIONS = (
@@ -80,6 +83,7 @@ def hf_config(config: Config, tie_embeddings: bool, bos_id: int, eos_id: int) ->
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "dtype": "float32",
+        BOUNDARY_KEY: "bos_eos",
     }
     rope = {"rope_type": "default", "rope_theta": config.rope_base}
     if config.mlp_class_name == "GptNeoxMLP":
