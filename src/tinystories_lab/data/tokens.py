@@ -217,6 +217,7 @@ def write_tokens(
     old = old or {}
     same_header = {k: old.get(k) for k in header} == header
     done = dict(old.get("splits", {})) if same_header else {}
+    on_disk = old
     for split, stories in splits.items():
         digest = stories_fingerprint(stories)
         path = tokens_dir / f"{split}.bin"
@@ -228,7 +229,8 @@ def write_tokens(
             print(f"{split}: {problem}: rewriting it.")
         counts = write_split(tokenizer, stories, path, threads, desc=f"encoding {split}")
         done[split] = {**counts, "stories_sha256": digest}
-        _write_json_atomic(tokens_dir / META_FILE, {**header, "splits": done})
+        on_disk = {**header, "splits": done}  # after each split: a crash keeps the splits already written
+        _write_json_atomic(tokens_dir / META_FILE, on_disk)
         print(
             f"{split}: {counts['stories']:,} stories, {counts['tokens']:,} tokens, "
             f"{counts['bytes'] / counts['tokens']:.2f} bytes/token -> {path}"
@@ -237,7 +239,7 @@ def write_tokens(
     overlap = _overlap(splits, done, old.get("validation_in_train"))
     if overlap:
         meta["validation_in_train"] = overlap
-    if meta != old:
+    if meta != on_disk:
         _write_json_atomic(tokens_dir / META_FILE, meta)
     return meta
 
