@@ -1,4 +1,4 @@
-"""The config pack: every config parses through LitGPT's own CLI and matches the roadmap."""
+"""The config pack: every config parses through LitGPT's own CLI and matches the recipe (docs/recipe.md)."""
 
 import pytest
 from conftest import CONFIG_HUB
@@ -7,7 +7,7 @@ from litgpt.args import TrainArgs
 
 from tinystories_lab.configs import count_parameters, model_config, parse_config
 
-# Roadmap section 2: layers, heads, dim, head size, MLP hidden; section 4.1: context.
+# docs/recipe.md, Models: layers, heads, dim, head size, MLP hidden, context.
 SHAPES = {
     "6L_6H_288D": dict(n_layer=6, n_head=6, n_embd=288, head_size=48, intermediate_size=768, block_size=256),
     "8L_8H_768D": dict(n_layer=8, n_head=8, n_embd=768, head_size=96, intermediate_size=3072, block_size=512),
@@ -36,7 +36,7 @@ def test_every_config_parses_through_litgpt_cli(path):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_variant_matches_roadmap(name):
+def test_variant_matches_the_recipe(name):
     arch, shape = name.split("_", 1)
     cfg = parse_config(CONFIG_HUB / f"{name}.yaml")
     config = model_config(cfg)
@@ -48,7 +48,7 @@ def test_variant_matches_roadmap(name):
     assert (config.norm_class_name, config.mlp_class_name) == expected_blocks
     assert cfg.tokenizer_dir.as_posix() == "data/tokenizers/tinystories"
     assert cfg.data.source == "tinystories"
-    assert_roadmap_training(cfg)
+    assert_recipe_training(cfg)
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -56,10 +56,10 @@ def test_baselines_use_the_project_tokenizer_and_settings(name):
     cfg = parse_config(CONFIG_HUB / "baselines" / f"{name}.yaml")
     assert cfg.model_config.padded_vocab_size == 32000
     assert cfg.model_config.block_size == 512
-    assert_roadmap_training(cfg)
+    assert_recipe_training(cfg)
 
 
-def assert_roadmap_training(cfg):
+def assert_recipe_training(cfg):
     train = cfg.train
     assert train.global_batch_size == 512
     assert 512 % train.micro_batch_size == 0

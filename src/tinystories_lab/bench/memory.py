@@ -21,7 +21,7 @@ from tinystories_lab.errors import UserError
 VARIANTS = [
     f"{arch}_{shape}" for shape in ("6L_6H_288D", "8L_8H_768D", "12L_8H_1024D") for arch in ("gpt", "llama")
 ]
-GPU_TARGET_BYTES = 16e9  # the GPU the configs' micro batches are sized for (the roadmap's 16 GB)
+GPU_TARGET_BYTES = 16e9  # the GPU the configs' micro batches are sized for (docs/recipe.md: 16 GB)
 HEADROOM = 0.85  # a micro batch must leave this share of the device's memory unused by its peak
 CPU_MICRO_BATCH = 16  # on a CPU: the fastest micro batch of the 6L variants in the benchmark sweep
 
