@@ -67,7 +67,10 @@ MinJobAge=60
 NodeName=$HOST CPUs=$(nproc) State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
-    if [ -e "$ETC_CONF" ] && [ "$(readlink -f "$ETC_CONF")" != "$DIR/slurm.conf" ]; then
+    # Another checkout's one-node cluster (its conf carries the marker line) or a dangling link is
+    # taken over; a conf this script did not write is the machine's own SLURM and is left alone.
+    if [ -e "$ETC_CONF" ] && [ "$(readlink -f "$ETC_CONF")" != "$DIR/slurm.conf" ] \
+        && ! grep -q "^# Written by scripts/slurm_local.sh" "$ETC_CONF"; then
         say "$ETC_CONF exists and is not this project's: this machine has its own SLURM; use that." >&2
         exit 1
     fi
