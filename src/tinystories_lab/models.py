@@ -34,7 +34,7 @@ class TrainedModel:
 
     @property
     def tie_embeddings(self) -> bool:
-        return bool(self.hparams["train"].get("tie_embeddings"))
+        return self.model.lm_head.weight is self.model.transformer.wte.weight
 
     @property
     def max_seq_length(self) -> int:
@@ -47,7 +47,9 @@ def load_trained(
     """Load a LitGPT checkpoint folder: `litgpt pretrain`'s `final/` or `step-*/`, or a fine-tune's `final/`.
 
     LitGPT does not record `tie_embeddings` in `model_config.yaml`; it is read from the
-    `hyperparameters.yaml` saved beside it, and the embedding is tied again before loading.
+    `hyperparameters.yaml` saved beside it, and the embedding is tied again before loading. LitGPT's
+    fine-tuning does not tie them: a full fine-tune trains them apart, and they stay untied here; a LoRA
+    fine-tune leaves both equal, and they are tied again.
     """
     checkpoint_dir = Path(checkpoint_dir)
     ckpt = Checkpoint(checkpoint_dir / "lit_model.pth")
@@ -63,9 +65,14 @@ def load_trained(
     hparams = yaml.safe_load((checkpoint_dir / "hyperparameters.yaml").read_text())
     with torch.device(device):
         model = GPT(config)
-    if hparams["train"].get("tie_embeddings"):
+    state = state.get(
+        "model", state
+    )  # pretraining saves {"model": ...}; fine-tunes may save the weights alone
+    # A LoRA fine-tune of a tied model saves the (untouched) matrix twice: it is still tied.
+    same = torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    if hparams["train"].get("tie_embeddings") or same:
         model.transformer.wte.weight = model.lm_head.weight
-    model.load_state_dict(state.get("model", state))  # pretraining saves {"model": ...}; finetunes may not
+    model.load_state_dict(state)
     model.max_seq_length = hparams["train"].get("max_seq_length") or config.block_size
     model = model.to(dtype=dtype).eval()
     return TrainedModel(model, config, Tokenizer(checkpoint_dir), checkpoint_dir, hparams)

@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.runs import out_dir_of
 from tinystories_lab.export.card import model_card
 from tinystories_lab.export.hf import hf_config, hf_state_dict, write_model, write_tokenizer
 from tinystories_lab.export.parity import Parity, check_parity, parity_texts
-from tinystories_lab.models import final_checkpoint_dir, load_trained, select_experiments
+from tinystories_lab.models import load_trained, select_checkpoints
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Parity:
@@ -81,12 +80,12 @@ def export(model: str, out_dir: Path | None = None, queues: list[Path] | None = 
     card); a folder holding anything else is refused.
 
     Args:
-        model: The experiment's name in the queue, e.g. gpt_6L_6H_288D.
-        out_dir: Where to write (default: experiments/tiny_stories/<name>/hf).
+        model: The experiment's name in the queue, e.g. gpt_6L_6H_288D, or a checkpoint folder (a run's, or a
+            fine-tune's under experiments/finetune/).
+        out_dir: Where to write (default: hf/ in the run's folder, e.g. experiments/tiny_stories/<name>/hf).
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).
     """
-    entry = select_experiments(model, queues)[0]
-    checkpoint_dir = final_checkpoint_dir(entry)
-    out_dir = out_dir or out_dir_of(entry) / "hf"
+    name, checkpoint_dir = select_checkpoints(model, queues)[0]
+    out_dir = out_dir or checkpoint_dir.parent / "hf"
     parity = export_checkpoint(checkpoint_dir, out_dir)
-    print(f"{entry['name']} -> {out_dir}: {parity.summary()}")
+    print(f"{name} -> {out_dir}: {parity.summary()}")
