@@ -33,6 +33,7 @@ TARGET ?=
 K ?=
 DATA ?= sample
 METHOD ?= lora
+LR ?=
 BENCH_OUT ?= benchmarks/results
 
 RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER))
@@ -125,8 +126,9 @@ data-instruct: ## Download TinyStories-Instruct into LitGPT's JSON instruction f
 data-instruct-sample: ## The offline instruction set from the bundled sample (data/instruct/sample)
 	$(LAB) data-instruct --source sample --data_dir $(DATA_DIR)
 
-finetune: ## Fine-tune MODEL= run with LitGPT: DATA=sample|tinystories|file METHOD=lora|full (ARGS=)
-	$(LAB) finetune '$(MODEL)' --data '$(DATA)' --method $(METHOD) --args='$(ARGS)' --data_dir $(DATA_DIR)
+finetune: ## Fine-tune MODEL= run with LitGPT: DATA=sample|tinystories|file METHOD=lora|full (LR=, ARGS=)
+	$(LAB) finetune '$(MODEL)' --data '$(DATA)' --method $(METHOD) $(if $(LR),--lr $(LR)) --args='$(ARGS)' \
+		--data_dir $(DATA_DIR)
 
 # Release
 

@@ -117,6 +117,12 @@ def checkpoint_folder(path: Path) -> Path | None:
     return None
 
 
+def results_dir(checkpoint_dir: Path) -> Path:
+    """Where eval.json, samples and hf/ of a checkpoint go: the run's (or fine-tune's) folder for its
+    final/, else the checkpoint's own folder (a step-* checkpoint's results never pass for the run's)."""
+    return checkpoint_dir.parent if checkpoint_dir.name == "final" else checkpoint_dir
+
+
 def select_checkpoints(model: str | None = None, queues: list[Path] | None = None) -> list[tuple[str, Path]]:
     """(name, checkpoint folder) pairs: for `model` a checkpoint folder's path (a run, a fine-tune under
     experiments/finetune/, or their final/), a fine-tune's folder name, or an experiment's name; with no
@@ -129,7 +135,7 @@ def select_checkpoints(model: str | None = None, queues: list[Path] | None = Non
             folder = checkpoint_folder(path)
             if folder is None:
                 raise UserError(f"{path} holds no LitGPT checkpoint (lit_model.pth, or final/lit_model.pth).")
-            return [(folder.parent.name if folder.name == "final" else folder.name, folder)]
+            return [(results_dir(folder).name, folder)]
     return [(e["name"], final_checkpoint_dir(e)) for e in select_experiments(model, queues)]
 
 

@@ -17,7 +17,7 @@ from tinystories_lab.data.sources import EOT, Separator, read_text_file
 from tinystories_lab.data.tokens import encode_stories, read_meta
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, read_curves
-from tinystories_lab.models import TrainedModel, load_trained, select_checkpoints, training_data
+from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints, training_data
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
 
@@ -169,7 +169,7 @@ def evaluate(
             result = evaluate_run(checkpoint_dir, text, separator, batch_size, device)
             results.append(result)
         name = "eval.json" if text is None else f"eval-{text.stem}.json"
-        (checkpoint_dir.parent / name).write_text(json.dumps(result, indent=2) + "\n")
+        (results_dir(checkpoint_dir) / name).write_text(json.dumps(result, indent=2) + "\n")
     if results:
         header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "train time"]
         rows = [

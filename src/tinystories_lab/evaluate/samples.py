@@ -10,7 +10,7 @@ from litgpt.generate.base import generate
 from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.models import TrainedModel, load_trained, select_checkpoints
+from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints
 
 PROMPTS = [
     "",  # from BOS alone: the model's own idea of a story
@@ -124,7 +124,7 @@ def sample(
                 for seed in (seeds or [1])
             ],
         }
-        run_dir = checkpoint_dir.parent
+        run_dir = results_dir(checkpoint_dir)
         (run_dir / "samples.json").write_text(json.dumps(result, indent=2) + "\n")
         (run_dir / "samples.md").write_text(samples_markdown(result) + "\n")
         ended = sum(s["stopped_at_eos"] for s in result["samples"])

@@ -13,7 +13,7 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.export.card import model_card
 from tinystories_lab.export.hf import hf_config, hf_state_dict, write_model, write_tokenizer
 from tinystories_lab.export.parity import Parity, check_parity, parity_texts
-from tinystories_lab.models import load_trained, select_checkpoints
+from tinystories_lab.models import load_trained, results_dir, select_checkpoints
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Parity:
@@ -35,7 +35,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Parity:
         write_model(staging, cfg, state)
         write_tokenizer(tok, checkpoint_dir, staging, cfg["max_position_embeddings"])
         parity = check_parity(trained, staging, parity_texts())
-        (staging / "README.md").write_text(model_card(trained, cfg, parity, checkpoint_dir.parent))
+        (staging / "README.md").write_text(model_card(trained, cfg, parity, results_dir(checkpoint_dir)))
         for path in staging.iterdir():  # mkdtemp and safetensors create owner-only files
             path.chmod(0o644)
         staging.chmod(0o755)
@@ -86,6 +86,6 @@ def export(model: str, out_dir: Path | None = None, queues: list[Path] | None = 
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).
     """
     name, checkpoint_dir = select_checkpoints(model, queues)[0]
-    out_dir = out_dir or checkpoint_dir.parent / "hf"
+    out_dir = out_dir or results_dir(checkpoint_dir) / "hf"
     parity = export_checkpoint(checkpoint_dir, out_dir)
     print(f"{name} -> {out_dir}: {parity.summary()}")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from tinystories_lab.data.sources import Separator
 from tinystories_lab.errors import UserError
-from tinystories_lab.models import TrainedModel, load_trained
+from tinystories_lab.models import TrainedModel, load_trained, results_dir
 
 
 def instruction_data(checkpoint_dir: Path) -> JSON:
@@ -83,7 +83,7 @@ def evaluate_finetune(
     story_after, _ = text_loss(tuned, tokens, batch_size, device, desc="stories, after")
     method = "lora" if "lora_r" in hparams else "full"
     return {
-        "name": checkpoint_dir.parent.name if checkpoint_dir.name == "final" else checkpoint_dir.name,
+        "name": results_dir(checkpoint_dir).name,
         "checkpoint": str(checkpoint_dir),
         "base_checkpoint": str(base_dir),
         "method": method,

@@ -206,7 +206,11 @@ def finetune(
     finally:
         lock.release()
     if code != 0 or not is_finished(out_dir):
-        print(f"{out_dir.name}: failed with exit code {code}; log in {out_dir / 'logs'}", file=sys.stderr)
+        again = "run the same command to resume" if method == "full" else f"delete {out_dir} to start again"
+        print(
+            f"{out_dir.name}: stopped with exit code {code} ({again}); log in {out_dir / 'logs'}",
+            file=sys.stderr,
+        )
         sys.exit(code or 1)
     print(
         f"{out_dir.name}: done ({out_dir}/final). Next: make eval MODEL={out_dir}, make sample "
@@ -269,4 +273,4 @@ def run_logged(cmd: list[str], out_dir: Path, lock: RunLock) -> int:
             return proc.wait()
         except KeyboardInterrupt:  # Ctrl-C reached LitGPT too; wait for it to stop
             proc.wait()
-            raise
+            return 130
