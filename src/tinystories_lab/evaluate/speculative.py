@@ -106,14 +106,16 @@ def check_pair(draft: TrainedModel, target: TrainedModel, draft_name: str, targe
         )
 
 
-def timed(fn, repeats: int):
-    """The result of `fn()` and its fastest time over `repeats` calls (the least disturbed by other load)."""
-    times, result = [], None
+def timed(fns: list, repeats: int) -> list[tuple]:
+    """Each function's result and its fastest time over `repeats` calls, the functions taking turns so a
+    change in the machine's other load hits them alike (the fastest run is the least disturbed)."""
+    results, times = [None] * len(fns), [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return result, min(times)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            results[i] = fn()
+            times[i] = min(times[i], time.perf_counter() - t0)
+    return list(zip(results, times))
 
 
 def measure_prompt(
@@ -135,8 +137,7 @@ def measure_prompt(
         torch.manual_seed(SEED)
         return generate_target_alone(target, ids, new, temperature, top_k)
 
-    (spec, counts), spec_s = timed(spec_run, repeats)
-    alone, alone_s = timed(alone_run, repeats)
+    ((spec, counts), spec_s), (alone, alone_s) = timed([spec_run, alone_run], repeats)
     return {
         "prompt": prompt,
         "tokens": len(spec),
@@ -222,7 +223,8 @@ def speculative(
         k: Draft tokens per round.
         max_new_tokens: New tokens per prompt at most (fewer at EOS or at the smaller context length).
         prompts: Prompts to continue (default: the five fixed prompts of `make sample`).
-        repeats: Time each generation this many times and keep the fastest.
+        repeats: Time each generation this many times (taking turns with the target alone) and keep the
+            fastest.
         temperature: 0 for greedy decoding (the output is then exactly the target's own); above 0 samples.
         top_k: Sample among the k most likely tokens; greedy decoding needs 1 (see docs/speculative.md).
         queues: Queue files to look names up in (default: experiments.yaml and experiments.demo.yaml).
