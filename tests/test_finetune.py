@@ -86,7 +86,13 @@ def test_finetune_lowers_the_held_out_loss_and_loads_in_litgpt_generate(
     monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
     out = tmp_path / f"gpt_demo-sample-{method}"
     args = FEW_STEPS + (" --train.save_interval=3" if method == "full" else "")
-    final = finetune(str(trained_demos["gpt_demo"]), "sample", method, args, out_dir=out, data_dir=tmp_path)
+
+    def tune():
+        return finetune(
+            str(trained_demos["gpt_demo"]), "sample", method, args=args, out_dir=out, data_dir=tmp_path
+        )
+
+    final = tune()
     assert final == out / "final" and (final / "prompt_style.yaml").is_file()
 
     [result] = evaluate(model=str(out))
@@ -117,15 +123,15 @@ def test_finetune_lowers_the_held_out_loss_and_loads_in_litgpt_generate(
     assert samples["prompt_style"] == "Phi2" and [s["prompt"] for s in samples["samples"]] == INSTRUCTIONS
 
     with pytest.raises(UserError, match="fine-tuned already"):
-        finetune(str(trained_demos["gpt_demo"]), "sample", method, args, out_dir=out, data_dir=tmp_path)
+        tune()
     if method == "lora":
         (final / "lit_model.pth").unlink()  # as if killed before LoRA's merge
         with pytest.raises(UserError, match="cannot resume"):
-            finetune(str(trained_demos["gpt_demo"]), "sample", method, args, out_dir=out, data_dir=tmp_path)
+            tune()
         lock = RunLock(out)
         assert lock.acquire()
         with pytest.raises(UserError, match="being fine-tuned by another process"):
-            finetune(str(trained_demos["gpt_demo"]), "sample", method, args, out_dir=out, data_dir=tmp_path)
+            tune()
         lock.release()
     else:
         export(str(out), out_dir=tmp_path / "hf")  # raises unless transformers reproduces the logits
@@ -135,9 +141,7 @@ def test_finetune_lowers_the_held_out_loss_and_loads_in_litgpt_generate(
         (final / "prompt_style.yaml").unlink()
         for path in (final / "lit_model.pth", out / "step-000006" / "lit_model.pth"):
             path.write_bytes(path.read_bytes()[:1000])
-        final = finetune(
-            str(trained_demos["gpt_demo"]), "sample", method, args, out_dir=out, data_dir=tmp_path
-        )
+        final = tune()
         log = sorted((out / "logs").glob("*.log"))[-1].read_text()
         assert "--resume=" + str(out / "step-000003" / "lit_model.pth") in log
         assert load_trained(final).model is not None

@@ -32,6 +32,7 @@ def model_card(trained: TrainedModel, hf_cfg: dict, parity: Parity, run_dir: Pat
     name, arch = trained.name, hf_cfg["architectures"][0]
     params = count_parameters(trained.config, trained.tie_embeddings)
     tuned = is_finetune(trained.checkpoint_dir)
+    target = str(run_dir) if tuned else name  # what MODEL= names it in `make eval` / `make sample`
     what = (
         "trained from scratch on [TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories)"
         if not tuned
@@ -45,9 +46,8 @@ def model_card(trained: TrainedModel, hf_cfg: dict, parity: Parity, run_dir: Pat
         f"`transformers` as `{arch}`.",
         "## Architecture\n\n" + _architecture(trained, hf_cfg, params),
         "## Fine-tuning\n\n" + _finetuning(trained) if tuned else "## Training\n\n" + _training(trained),
-        "## Evaluation\n\n"
-        + (_finetune_evaluation if tuned else _evaluation)(run_dir / "eval.json", run_dir),
-        "## Sample stories\n\n" + _samples(run_dir / "samples.json", run_dir),
+        "## Evaluation\n\n" + (_finetune_evaluation if tuned else _evaluation)(run_dir / "eval.json", target),
+        "## Sample stories\n\n" + _samples(run_dir / "samples.json", target),
         "## Use\n\n" + _usage(tuned),
         "## Export and parity\n\n"
         f"Exported from the LitGPT checkpoint `{trained.checkpoint_dir}`. On a fixed batch of "
@@ -158,11 +158,9 @@ def _finetuning(trained: TrainedModel) -> str:
     ])  # fmt: skip
 
 
-def _finetune_evaluation(path: Path, run_dir: Path) -> str:
-    if not is_current(path, run_dir):
-        return (
-            f"Not evaluated (since its final checkpoint): run `make eval MODEL={run_dir}`, then export again."
-        )
+def _finetune_evaluation(path: Path, name: str) -> str:
+    if not is_current(path, path.parent):
+        return f"Not evaluated (since its final checkpoint): run `make eval MODEL={name}`, then export again."
     e = json.loads(path.read_text())
     return _table([
         ("held-out instructions", f"`{e['instruction_data']}`: {e['instruction_targets']:,} target tokens"),
@@ -173,9 +171,8 @@ def _finetune_evaluation(path: Path, run_dir: Path) -> str:
     ])  # fmt: skip
 
 
-def _evaluation(path: Path, run_dir: Path) -> str:
-    name = run_dir.name
-    if not is_current(path, run_dir):
+def _evaluation(path: Path, name: str) -> str:
+    if not is_current(path, path.parent):
         return f"Not evaluated (since its final checkpoint): run `make eval MODEL={name}`, then export again."
     e = json.loads(path.read_text())
     rows = [
@@ -197,11 +194,9 @@ def _evaluation(path: Path, run_dir: Path) -> str:
     return _table(rows)
 
 
-def _samples(path: Path, run_dir: Path) -> str:
-    if not is_current(path, run_dir):
-        return (
-            f"None (since its final checkpoint): run `make sample MODEL={run_dir.name}`, then export again."
-        )
+def _samples(path: Path, name: str) -> str:
+    if not is_current(path, path.parent):
+        return f"None (since its final checkpoint): run `make sample MODEL={name}`, then export again."
     s = json.loads(path.read_text())
     top_k = f"top-k {s['top_k']}" if s["top_k"] else "no top-k"
     parts = [
