@@ -71,6 +71,18 @@ def test_tinystories_instruct_blocks_become_instructions():
     assert instruction(["dog"]) == "Write a story that uses the words dog."
 
 
+def test_data_instruct_without_a_network_refuses_in_one_line(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    cmd = [sys.executable, "-m", "tinystories_lab.cli", "data-instruct", "--data_dir", str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: Could not download roneneldan/TinyStoriesInstruct") and "DATA=sample" in last
+    )
+    assert not (tmp_path / "instruct").exists()
+
+
 def litgpt_generate(checkpoint_dir: Path) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "litgpt"), "generate", str(checkpoint_dir),
            "--prompt", INSTRUCTIONS[0], "--max_new_tokens", "20", "--precision", "32-true"]  # fmt: skip
@@ -87,6 +99,9 @@ def test_finetune_lowers_the_held_out_loss_and_loads_in_litgpt_generate(
     out = tmp_path / f"gpt_demo-sample-{method}"
     args = FEW_STEPS + (" --train.save_interval=3" if method == "full" else "")
 
+    run = trained_demos["gpt_demo"].parent
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+
     def tune():
         return finetune(
             str(trained_demos["gpt_demo"]), "sample", method, args=args, out_dir=out, data_dir=tmp_path
@@ -94,6 +109,8 @@ def test_finetune_lowers_the_held_out_loss_and_loads_in_litgpt_generate(
 
     final = tune()
     assert final == out / "final" and (final / "prompt_style.yaml").is_file()
+
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # the run's folder is only read
 
     [result] = evaluate(model=str(out))
     assert result["instruction_loss_after"] < result["instruction_loss_before"]
