@@ -36,6 +36,12 @@ HF ?=
 REVISION ?=
 CONTEXT ?=
 SOURCE ?=
+DRAFT ?=
+TARGET ?=
+K ?=
+DATA ?= sample
+METHOD ?= lora
+LR ?=
 BENCH_OUT ?= benchmarks/results
 
 RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) \
@@ -49,10 +55,10 @@ BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo \
 	eval eval-hf eval-reference sample report interpret interpret-compare export publish bench bench-sweep bench-data \
-	step-memory gpu-check
+	step-memory gpu-check speculative data-instruct data-instruct-sample finetune
 
 help: ## List every target with one line each
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 install: ## Create .venv and install the project (TORCH=torch==2.13.0 pins torch; TORCH_INDEX= its wheel index)
 	$(PYTHON) -m venv $(VENV)
@@ -129,15 +135,30 @@ sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=, DEVIC
 report: ## Compare every run in experiments/report/README.md with figures
 	$(LAB) report
 
+speculative: ## Speculative decoding: DRAFT= run drafts for TARGET= run (K=4): acceptance, tok/s vs target alone
+	$(LAB) speculative '$(DRAFT)' '$(TARGET)' $(if $(K),--k $(K)) $(DEVICE_FLAG)
+
 interpret: ## Attention, head scores, neurons, ablations, logit lens of MODEL -> its interp/ (DEVICE=)
 	$(LAB) interpret '$(MODEL)' $(DEVICE_FLAG)
 
 interpret-compare: ## GPT vs LLaMA page in experiments/report/interp/ (GPT=, LLAMA=: two experiment names)
 	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(DEVICE_FLAG)
 
+# Fine-tuning on instructions
+
+data-instruct: ## Download TinyStories-Instruct into LitGPT's JSON instruction format (data/instruct/tinystories)
+	$(LAB) data-instruct --source tinystories --data_dir $(DATA_DIR)
+
+data-instruct-sample: ## The offline instruction set from the bundled sample (data/instruct/sample)
+	$(LAB) data-instruct --source sample --data_dir $(DATA_DIR)
+
+finetune: ## Fine-tune MODEL= run with LitGPT: DATA=sample|tinystories|file METHOD=lora|full (LR=, ARGS=)
+	$(LAB) finetune '$(MODEL)' --data '$(DATA)' --method $(METHOD) $(if $(LR),--lr $(LR)) --args='$(ARGS)' \
+		--data_dir $(DATA_DIR)
+
 # Release
 
-export: ## Export MODEL to experiments/tiny_stories/<name>/hf/ for transformers, with a parity check
+export: ## Export MODEL (a run, or a fine-tune's folder) to its hf/ folder for transformers, with a parity check
 	$(LAB) export '$(MODEL)'
 
 publish: ## Upload MODEL's hf/ folder to the Hugging Face Hub: REPO=your-name/repo (needs a token)

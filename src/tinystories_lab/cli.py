@@ -18,10 +18,13 @@ from tinystories_lab.evaluate.perplexity import evaluate
 from tinystories_lab.evaluate.reference import eval_hf, eval_reference
 from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.samples import sample
+from tinystories_lab.evaluate.speculative import speculative
 from tinystories_lab.experiments.listing import list_experiments
 from tinystories_lab.experiments.runner import cancel, reset, run_all, run_next, run_specific, slurm_record
 from tinystories_lab.export.exporter import export
 from tinystories_lab.export.publish import publish
+from tinystories_lab.finetune.data import data_instruct
+from tinystories_lab.finetune.run import finetune
 from tinystories_lab.interpret.run import interpret, interpret_compare
 
 COMMANDS = {
@@ -40,6 +43,9 @@ COMMANDS = {
     "eval-reference": eval_reference,
     "sample": sample,
     "report": report,
+    "speculative": speculative,
+    "data-instruct": data_instruct,
+    "finetune": finetune,
     "bench": bench,
     "bench-sweep": bench_sweep,
     "precision": precision,

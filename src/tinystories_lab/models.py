@@ -16,6 +16,8 @@ from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue, find
 from tinystories_lab.experiments.runs import Checkpoint, final_checkpoint, out_dir_of
 
+FINETUNE_DIR = Path("experiments/finetune")
+
 
 @dataclass
 class TrainedModel:
@@ -33,7 +35,7 @@ class TrainedModel:
 
     @property
     def tie_embeddings(self) -> bool:
-        return bool(self.hparams["train"].get("tie_embeddings"))
+        return self.model.lm_head.weight is self.model.transformer.wte.weight
 
     @property
     def max_seq_length(self) -> int:
@@ -43,24 +45,33 @@ class TrainedModel:
 def load_trained(
     checkpoint_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> TrainedModel:
-    """Load a `litgpt pretrain` checkpoint folder (`final/` or `step-*/`).
+    """Load a LitGPT checkpoint folder: `litgpt pretrain`'s `final/` or `step-*/`, or a fine-tune's `final/`.
 
     LitGPT does not record `tie_embeddings` in `model_config.yaml`; it is read from the
-    `hyperparameters.yaml` saved beside it, and the embedding is tied again before loading.
+    `hyperparameters.yaml` saved beside it, and the embedding is tied again before loading. LitGPT's
+    fine-tuning does not tie them: a full fine-tune trains them apart, and they stay untied here; a LoRA
+    fine-tune leaves both equal, and they are tied again.
     """
     checkpoint_dir = Path(checkpoint_dir)
     ckpt = Checkpoint(checkpoint_dir / "lit_model.pth")
     if not ckpt.path.is_file():
         raise UserError(f"No checkpoint in {checkpoint_dir} (lit_model.pth is missing).")
-    if not ckpt.is_loadable():
-        raise UserError(f"{ckpt.path} does not load (truncated or corrupt); resume training to rewrite it.")
+    try:
+        state = ckpt.load()
+    except Exception:
+        raise UserError(
+            f"{ckpt.path} does not load (truncated or corrupt); resume training to rewrite it."
+        ) from None
     config = Config.from_file(checkpoint_dir / "model_config.yaml")
     hparams = yaml.safe_load((checkpoint_dir / "hyperparameters.yaml").read_text())
-    state = ckpt.load()["model"]
+    state = state.get("model", state)  # pretraining saves {"model": ...}; fine-tunes the weights alone
     with torch.device(device):
         model = GPT(config)
     if hparams["train"].get("tie_embeddings"):
         check_tied(state, ckpt.path)
+        model.transformer.wte.weight = model.lm_head.weight
+    elif torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+        # A LoRA fine-tune of a tied model saves the (untouched) matrix twice: it is still tied.
         model.transformer.wte.weight = model.lm_head.weight
     model.load_state_dict(state)
     model.max_seq_length = hparams["train"].get("max_seq_length") or config.block_size
@@ -112,6 +123,36 @@ def select_experiments(model: str | None = None, queues: list[Path] | None = Non
             "(`make run-next` or `make demo`)."
         )
     return done
+
+
+def checkpoint_folder(path: Path) -> Path | None:
+    """The LitGPT checkpoint folder at `path`: the folder itself if it holds lit_model.pth, or its final/."""
+    for folder in (path, path / "final"):
+        if (folder / "lit_model.pth").is_file():
+            return folder
+    return None
+
+
+def results_dir(checkpoint_dir: Path) -> Path:
+    """Where eval.json, samples and hf/ of a checkpoint go: the run's (or fine-tune's) folder for its
+    final/, else the checkpoint's own folder (a step-* checkpoint's results never pass for the run's)."""
+    return checkpoint_dir.parent if checkpoint_dir.name == "final" else checkpoint_dir
+
+
+def select_checkpoints(model: str | None = None, queues: list[Path] | None = None) -> list[tuple[str, Path]]:
+    """(name, checkpoint folder) pairs: for `model` a checkpoint folder's path (a run, a fine-tune under
+    experiments/finetune/, or their final/), a fine-tune's folder name, or an experiment's name; with no
+    `model`, every `done` experiment. A folder's name is its own, or its parent's for a final/ folder."""
+    if model is not None:
+        path = Path(model)
+        if not path.is_dir() and (FINETUNE_DIR / model).is_dir():
+            path = FINETUNE_DIR / model
+        if path.is_dir():
+            folder = checkpoint_folder(path)
+            if folder is None:
+                raise UserError(f"{path} holds no LitGPT checkpoint (lit_model.pth, or final/lit_model.pth).")
+            return [(results_dir(folder).name, folder)]
+    return [(e["name"], final_checkpoint_dir(e)) for e in select_experiments(model, queues)]
 
 
 def final_checkpoint_dir(entry: dict) -> Path:

@@ -18,13 +18,7 @@ from tinystories_lab.data.sources import Separator, read_text_file
 from tinystories_lab.data.tokens import encode_stories, stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, read_curves
-from tinystories_lab.models import (
-    TrainedModel,
-    final_checkpoint_dir,
-    load_trained,
-    select_experiments,
-    training_data,
-)
+from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints, training_data
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
 
@@ -177,10 +171,12 @@ def evaluate(
     Loss and perplexity cover the whole validation split (every token predicted once); bits per byte
     divides the total loss in bits by the UTF-8 bytes of the evaluated stories, so it compares across
     tokenizers. Training throughput, training-loop time and the tokens needed to first reach a few validation
-    losses come from the run's metrics.
+    losses come from the run's metrics. A fine-tune (`make finetune`) is evaluated against the weights it
+    started from: loss per response token on its held-out instructions, and loss on stories, before and after.
 
     Args:
-        model: One experiment's name (default: every `done` experiment in the queues).
+        model: One experiment's name, or a checkpoint folder (a run's, or a fine-tune's under
+            experiments/finetune/) (default: every `done` experiment in the queues).
         text: Evaluate this text file instead of the validation split; written to eval-<file name>.json.
         separator: How stories are separated in `text`: 'eot' or 'blank' (default: 'eot' if the file
             holds <|endoftext|> lines, else 'blank').
@@ -188,21 +184,41 @@ def evaluate(
         batch_size: Windows per forward pass.
         device: 'cpu' or 'cuda'.
     """
-    entries = select_experiments(model, queues)
-    results = []
-    for entry in entries:
-        checkpoint_dir = final_checkpoint_dir(entry)
-        result = evaluate_run(checkpoint_dir, text, separator, batch_size, device)
+    from tinystories_lab.finetune.evaluate import evaluate_finetune
+    from tinystories_lab.finetune.run import is_finetune
+
+    results, tuned = [], []
+    for _, checkpoint_dir in select_checkpoints(model, queues):
+        if is_finetune(checkpoint_dir):
+            result = evaluate_finetune(checkpoint_dir, text, separator, batch_size, device)
+            tuned.append(result)
+        else:
+            result = evaluate_run(checkpoint_dir, text, separator, batch_size, device)
+            results.append(result)
         name = "eval.json" if text is None else f"eval-{text.stem}.json"
-        (checkpoint_dir.parent / name).write_text(json.dumps(result, indent=2) + "\n")
-        results.append(result)
-    header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "train time"]
-    rows = [
-        [r["name"], f"{r['parameters'] / 1e6:.1f}M", r["eval_text"], f"{r['tokens_evaluated']:,}",
-         f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",
-         f"{r['train_tokens_per_s']:,.0f}" if r["train_tokens_per_s"] else "-",
-         f"{r['train_wall_time_s'] / 60:.1f} min" if r["train_wall_time_s"] else "-"]
-        for r in results
-    ]  # fmt: skip
-    print(format_table(rows, header))
-    return results
+        (results_dir(checkpoint_dir) / name).write_text(json.dumps(result, indent=2) + "\n")
+    if results:
+        header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "train time"]
+        rows = [
+            [r["name"], f"{r['parameters'] / 1e6:.1f}M", r["eval_text"], f"{r['tokens_evaluated']:,}",
+             f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",
+             f"{r['train_tokens_per_s']:,.0f}" if r["train_tokens_per_s"] else "-",
+             f"{r['train_wall_time_s'] / 60:.1f} min" if r["train_wall_time_s"] else "-"]
+            for r in results
+        ]  # fmt: skip
+        print(format_table(rows, header))
+    if tuned:
+        header = [
+            "fine-tune",
+            "method",
+            "held-out instruction loss before -> after",
+            "story loss before -> after",
+        ]
+        rows = [
+            [r["name"], r["method"],
+             f"{r['instruction_loss_before']:.4f} -> {r['instruction_loss_after']:.4f}",
+             f"{r['story_loss_before']:.4f} -> {r['story_loss_after']:.4f}"]
+            for r in tuned
+        ]  # fmt: skip
+        print(format_table(rows, header))
+    return results + tuned

@@ -376,6 +376,50 @@ def pairs_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
     ]
 
 
+def speculative_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
+    """Finished runs that can draft for one another: a smaller one into a larger one of the same architecture,
+    or a GPT into a larger LLaMA."""
+    done = [r for r in runs if r.finished]
+    return [
+        (d, t)
+        for t in sorted(done, key=lambda r: r.parameters)
+        for d in sorted(done, key=lambda r: r.parameters)
+        if d.parameters < t.parameters and (d.arch == t.arch or (d.arch, t.arch) == ("gpt", "llama"))
+    ]
+
+
+def speculative_section(pairs: list[tuple[Run, Run]], folder: Path) -> list[str]:
+    """Each pair's measured speed-up, from `make speculative`'s files (decoding is never run here)."""
+    header = ["draft -> target", "params", "k", "acceptance", "tokens / target pass",
+              "tok/s speculative / alone", "speed-up"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|---|---|---|"]
+    for d, t in pairs:
+        path = folder / f"{d.name}-{t.name}.json"
+        name = f"`{d.name}` -> `{t.name}`"
+        params = f"{d.parameters / 1e6:.2f}M / {t.parameters / 1e6:.2f}M"
+        if not (is_current(path, d.out_dir) and is_current(path, t.out_dir)):
+            why = "measured before a run was extended" if path.is_file() else "not measured"
+            lines.append(
+                f"| {name} | {params} | | {why}: `make speculative DRAFT={d.name} TARGET={t.name}` | | | |"
+            )
+            continue
+        r = json.loads(path.read_text())
+        o = r["overall"]
+        lines.append(
+            f"| [{name}](speculative/{path.stem}.md) | {params} | {r['k']} | {o['acceptance_rate']:.3f} | "
+            f"{o['tokens_per_target_pass']:.2f} | {o['speculative_tokens_per_s']:,.1f} / "
+            f"{o['target_tokens_per_s']:,.1f} | **{o['speed_up']:.2f}x** |"
+        )
+    return lines + [
+        "",
+        "Greedy decoding on the fixed prompts of `make sample`; the output equals the target's own. "
+        "Speed-up: tokens/s with the draft over the target decoding alone, on the device each file names "
+        "(CPU unless `DEVICE=cuda`). A draft pays off only when it is much cheaper than the target and "
+        "often agrees with it.",
+        "",
+    ]
+
+
 def interpretability_links(runs: list[Run], out_dir: Path) -> list[str]:
     """Links to the comparison pages in out_dir/interp/ and to each run's interp/ index."""
     pages = sorted((out_dir / "interp").glob("*.md"))
@@ -452,6 +496,9 @@ def report(
             figure_link("throughput", figures),
             "",
         ]
+    drafts = speculative_pairs(runs)
+    if drafts:
+        lines += ["## Speculative decoding", ""] + speculative_section(drafts, out_dir / "speculative")
     links = interpretability_links(runs, out_dir)
     if links:
         lines += ["## Interpretability", ""] + links + [""]

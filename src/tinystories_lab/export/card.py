@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from tinystories_lab.configs import count_parameters
 from tinystories_lab.experiments.runs import Checkpoint, is_current
 from tinystories_lab.export.parity import Parity
@@ -25,19 +27,28 @@ CITATION = """@article{eldan2023tinystories,
 def model_card(trained: TrainedModel, hf_cfg: dict, parity: Parity, run_dir: Path) -> str:
     """The card's Markdown. Evaluation results and samples come from `run_dir/eval.json` and
     `run_dir/samples.json` (written by `make eval` and `make sample`) when they exist."""
+    from tinystories_lab.finetune.run import is_finetune
+
     name, arch = trained.name, hf_cfg["architectures"][0]
     params = count_parameters(trained.config, trained.tie_embeddings)
+    tuned = is_finetune(trained.checkpoint_dir)
+    target = str(run_dir) if tuned else name  # what MODEL= names it in `make eval` / `make sample`
+    what = (
+        "trained from scratch on [TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories)"
+        if not tuned
+        else "trained from scratch on [TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories), "
+        "then fine-tuned to write stories from instructions,"
+    )
     sections = [
         _front_matter(arch),
-        f"# {name}\n\nA {params / 1e6:.2f}M-parameter {STYLE[arch]} language model trained from scratch on "
-        "[TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories) with "
+        f"# {name}\n\nA {params / 1e6:.2f}M-parameter {STYLE[arch]} language model {what} with "
         "[LitGPT](https://github.com/Lightning-AI/litgpt) 0.5.13 by tinystories-lab, and exported to "
         f"`transformers` as `{arch}`.",
         "## Architecture\n\n" + _architecture(trained, hf_cfg, params),
-        "## Training\n\n" + _training(trained),
-        "## Evaluation\n\n" + _evaluation(run_dir / "eval.json", name),
-        "## Sample stories\n\n" + _samples(run_dir / "samples.json", name),
-        "## Use\n\n" + _usage(),
+        "## Fine-tuning\n\n" + _finetuning(trained) if tuned else "## Training\n\n" + _training(trained),
+        "## Evaluation\n\n" + (_finetune_evaluation if tuned else _evaluation)(run_dir / "eval.json", target),
+        "## Sample stories\n\n" + _samples(run_dir / "samples.json", target),
+        "## Use\n\n" + _usage(tuned),
         "## Export and parity\n\n"
         f"Exported from the LitGPT checkpoint `{trained.checkpoint_dir}`. On a fixed batch of "
         f"{parity.logit_tokens:,} tokens of TinyStories text, the `transformers` logits differ from "
@@ -117,6 +128,49 @@ def _training(trained: TrainedModel) -> str:
     ])  # fmt: skip
 
 
+def _finetuning(trained: TrainedModel) -> str:
+    h = trained.hparams
+    train, data = h["train"], (h.get("data") or {}).get("init_args", {})
+    lora = {k[5:]: v for k, v in h.items() if k.startswith("lora_")}
+    targets = [k for k in ("query", "key", "value", "projection", "mlp", "head") if lora.get(k)]
+    method = (
+        f"LoRA (`litgpt finetune_lora`): rank {lora['r']}, alpha {lora['alpha']}, dropout "
+        f"{lora['dropout']}, on {', '.join(targets)}; merged into the weights"
+        if lora
+        else "full (`litgpt finetune_full`): every weight, the embedding and output head separately"
+    )
+    opt = h.get("optimizer")
+    if isinstance(opt, dict):
+        opt = f"{opt['class_path'].rsplit('.', 1)[-1]} (lr {opt.get('init_args', {}).get('lr')})"
+    base_hparams = Path(h["checkpoint_dir"]) / "hyperparameters.yaml"  # copied there from the run
+    run = yaml.safe_load(base_hparams.read_text()).get("out_dir") if base_hparams.is_file() else "?"
+    return _table([
+        ("started from", f"`{h['checkpoint_dir']}`: the weights of the TinyStories run in `{run}`"),
+        ("method", method),
+        ("instructions", f"`{data.get('json_path')}`, prompt style `{data.get('prompt_style')}`, loss on the "
+                         + ("response only" if data.get("mask_prompt") else "whole sequence")),
+        ("epochs / max steps", f"{train.get('epochs')} / {train.get('max_steps') or '-'}"),
+        ("batch", f"{train['global_batch_size']} examples (micro-batches of {train['micro_batch_size']}), "
+                  f"at most {train.get('max_seq_length')} tokens each"),
+        ("optimizer", f"{opt}, warm-up over {train['lr_warmup_steps']} steps, then cosine"),
+        ("precision", h.get("precision") or "LitGPT's default"),
+        ("seed", h.get("seed")),
+    ])  # fmt: skip
+
+
+def _finetune_evaluation(path: Path, name: str) -> str:
+    if not is_current(path, path.parent):
+        return f"Not evaluated (since its final checkpoint): run `make eval MODEL={name}`, then export again."
+    e = json.loads(path.read_text())
+    return _table([
+        ("held-out instructions", f"`{e['instruction_data']}`: {e['instruction_targets']:,} target tokens"),
+        ("loss before -> after fine-tuning",
+         f"{e['instruction_loss_before']:.4f} -> {e['instruction_loss_after']:.4f}"),
+        ("stories", f"{e['story_text']}: {e['story_tokens']:,} tokens"),
+        ("story loss before -> after", f"{e['story_loss_before']:.4f} -> {e['story_loss_after']:.4f}"),
+    ])  # fmt: skip
+
+
 def _evaluation(path: Path, name: str) -> str:
     if not is_current(path, path.parent):
         return f"Not evaluated (since its final checkpoint): run `make eval MODEL={name}`, then export again."
@@ -153,6 +207,8 @@ def _samples(path: Path, name: str) -> str:
         prompt, text = sample["prompt"], sample["text"]
         rest = text[len(prompt) :] if text.startswith(prompt) else text
         bold = f"**{prompt.strip()}**{prompt[len(prompt.rstrip()) :]}" if prompt.strip() else ""
+        if s.get("prompt_style"):  # a fine-tune: the instruction, then the response
+            bold, rest = f"Instruction: **{prompt}**\n\n", text
         quoted = "\n".join(f"> {line}".rstrip() for line in (bold + rest).splitlines())
         start = "" if prompt.strip() else "no prompt, from BOS alone; "
         end = "ended at EOS" if sample["stopped_at_eos"] else "cut at the token limit"
@@ -160,7 +216,21 @@ def _samples(path: Path, name: str) -> str:
     return "\n\n".join(parts)
 
 
-def _usage() -> str:
+def _usage(tuned: bool = False) -> str:
+    if tuned:
+        return """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = "."  # this folder, or its Hub repository id
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path)
+prompt = "Instruct: Write a story that uses the words dog, ball and happy.\\nOutput:"  # its prompt template
+inputs = tokenizer(prompt, return_tensors="pt")  # BOS is added, as in training
+out = model.generate(**inputs, max_new_tokens=200, do_sample=True, temperature=0.8, top_k=50)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+```
+
+The response ends with EOS (`</s>`), where `generate` stops."""
     return """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.runs import out_dir_of
 from tinystories_lab.export.card import model_card
 from tinystories_lab.export.hf import hf_config, hf_state_dict, write_model, write_tokenizer
 from tinystories_lab.export.parity import Parity, check_parity, parity_texts
-from tinystories_lab.models import final_checkpoint_dir, load_trained, select_experiments
+from tinystories_lab.models import load_trained, results_dir, select_checkpoints
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path, device: str = "cpu") -> Parity:
@@ -37,7 +36,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, device: str = "cpu") 
         write_tokenizer(tok, checkpoint_dir, staging, cfg["max_position_embeddings"])
         parity = check_parity(trained, staging, parity_texts(), device)
         trained.model.cpu()
-        (staging / "README.md").write_text(model_card(trained, cfg, parity, checkpoint_dir.parent))
+        (staging / "README.md").write_text(model_card(trained, cfg, parity, results_dir(checkpoint_dir)))
         for path in staging.iterdir():  # mkdtemp and safetensors create owner-only files
             path.chmod(0o644)
         staging.chmod(0o755)
@@ -84,13 +83,13 @@ def export(
     card); a folder holding anything else is refused.
 
     Args:
-        model: The experiment's name in the queue, e.g. gpt_6L_6H_288D.
-        out_dir: Where to write (default: experiments/tiny_stories/<name>/hf).
+        model: The experiment's name in the queue, e.g. gpt_6L_6H_288D, or a checkpoint folder (a run's, or a
+            fine-tune's under experiments/finetune/).
+        out_dir: Where to write (default: hf/ in the run's folder, e.g. experiments/tiny_stories/<name>/hf).
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).
         device: Where the parity check runs both models: 'cpu' or 'cuda'.
     """
-    entry = select_experiments(model, queues)[0]
-    checkpoint_dir = final_checkpoint_dir(entry)
-    out_dir = out_dir or out_dir_of(entry) / "hf"
+    name, checkpoint_dir = select_checkpoints(model, queues)[0]
+    out_dir = out_dir or results_dir(checkpoint_dir) / "hf"
     parity = export_checkpoint(checkpoint_dir, out_dir, device)
-    print(f"{entry['name']} -> {out_dir}: {parity.summary()}")
+    print(f"{name} -> {out_dir}: {parity.summary()}")
