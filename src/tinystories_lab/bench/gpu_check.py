@@ -34,6 +34,7 @@ from tinystories_lab.bench.training import (
 )
 from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
+from tinystories_lab.hardware import resolve_device
 
 MEMORY_TARGET_BYTES = 16e9  # the GPU every config's micro batch is sized for
 DATASHEET_BF16_TFLOPS = (  # dense bf16 tensor-core peaks from NVIDIA's datasheets, by device-name substring
@@ -156,8 +157,7 @@ def gpu_check(
         out_dir: Where the results go.
     """
     start = time.perf_counter()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     if not (data_dir / "tokenizers" / "sample").is_dir():

@@ -17,6 +17,7 @@ import torch
 from tinystories_lab.bench.training import Setting, resolve_config, run_project
 from tinystories_lab.configs import format_table, parse_config
 from tinystories_lab.errors import UserError
+from tinystories_lab.hardware import resolve_device
 
 VARIANTS = [
     f"{arch}_{shape}" for shape in ("6L_6H_288D", "8L_8H_768D", "12L_8H_1024D") for arch in ("gpt", "llama")
@@ -94,8 +95,7 @@ def step_memory(
         device: 'auto', 'cpu' or 'cuda'.
         data_dir: Data folder holding the sample's tokenizer and token files.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     rows = []
     for model in models:
         config = resolve_config(model)

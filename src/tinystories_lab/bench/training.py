@@ -31,6 +31,7 @@ from tinystories_lab.configs import count_parameters, model_config, parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.hardware import cpu_count, resolve_device
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 RESULTS_DIR = Path("benchmarks/results")
@@ -57,7 +58,7 @@ def device_name(device: torch.device) -> str:
             if Path("/proc/cpuinfo").exists()
             else None
         )
-        name = f"cpu {len(os.sched_getaffinity(0))}core {model.group(1) if model else platform.processor()}"
+        name = f"cpu {cpu_count()}core {model.group(1) if model else platform.processor()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -247,8 +248,7 @@ def run_benchmarks(
     """Measure the device's peaks, then every setting; write <device>-<date>-<name>.json and .md."""
     if steps < 1 or warmup < 1:
         raise UserError("Benchmarks need steps >= 1 and warmup >= 1 (the first step's time includes setup).")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     dev = torch.device(device)
     peaks = {"fp32": peak_flops(dev, torch.float32), "bf16": peak_flops(dev, torch.bfloat16)}
     fp32, bf16 = peaks["fp32"] / 1e9, peaks["bf16"] / 1e9

@@ -18,6 +18,7 @@ from tinystories_lab.data.sources import Separator, read_text_file
 from tinystories_lab.data.tokens import encode_stories, stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, read_curves
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints, training_data
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
@@ -164,7 +165,7 @@ def evaluate(
     separator: Separator | None = None,
     queues: list[Path] | None = None,
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> list[dict]:
     """Evaluate finished experiments on their final checkpoint; write eval.json next to each run.
 
@@ -182,8 +183,9 @@ def evaluate(
             holds <|endoftext|> lines, else 'blank').
         queues: Queue files to look in (default: experiments.yaml and experiments.demo.yaml).
         batch_size: Windows per forward pass.
-        device: 'cpu' or 'cuda'.
+        device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
     """
+    device = resolve_device(device)
     from tinystories_lab.finetune.evaluate import evaluate_finetune
     from tinystories_lab.finetune.run import is_finetune
 

@@ -414,7 +414,7 @@ def speculative_section(pairs: list[tuple[Run, Run]], folder: Path) -> list[str]
         "",
         "Greedy decoding on the fixed prompts of `make sample`; the output equals the target's own. "
         "Speed-up: tokens/s with the draft over the target decoding alone, on the device each file names "
-        "(CPU unless `DEVICE=cuda`). A draft pays off only when it is much cheaper than the target and "
+        "(the GPU when one is visible, unless `DEVICE=cpu`). A draft pays off only when it is much cheaper than the target and "
         "often agrees with it.",
         "",
     ]

@@ -26,6 +26,7 @@ from tinystories_lab.configs import architecture, count_parameters, format_table
 from tinystories_lab.data.tokenizer import fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.samples import PROMPTS
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.interpret.markdown import escape, table
 from tinystories_lab.models import TrainedModel, load_trained, select_checkpoints
 
@@ -208,7 +209,7 @@ def speculative(
     temperature: float = 0.0,
     top_k: int | None = 1,
     queues: list[Path] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     out_dir: Path = SPECULATIVE_DIR,
 ) -> dict:
     """Speculative decoding with LitGPT: `draft` proposes k tokens, `target` checks them in one pass.
@@ -228,11 +229,12 @@ def speculative(
         temperature: 0 for greedy decoding (the output is then exactly the target's own); above 0 samples.
         top_k: Sample among the k most likely tokens; greedy decoding needs 1 (see docs/speculative.md).
         queues: Queue files to look names up in (default: experiments.yaml and experiments.demo.yaml).
-        device: 'cpu' or 'cuda'.
+        device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
         out_dir: Where the .json and .md go.
     """
     if k < 1:
         raise UserError(f"k must be at least 1, not {k}.")
+    device = resolve_device(device)
     (draft_name, draft_dir), (target_name, target_dir) = (
         select_checkpoints(m, queues)[0] for m in (draft, target)
     )

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from tinystories_lab.configs import architecture
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import is_current, out_dir_of
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.interpret import pages
 from tinystories_lab.interpret.ablation import (
     ablation_effects,
@@ -56,7 +57,7 @@ def interpret(
     neurons: int = 20,
     dead_threshold: float = 0.01,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str = "auto",
     seed: int = 0,
     queues: list[Path] | None = None,
 ) -> Path:
@@ -79,11 +80,12 @@ def interpret(
         neurons: How many of the most selective neurons neurons.md lists and the ablations remove.
         dead_threshold: A neuron whose strength never exceeds this on the windows counts as dead.
         batch_size: Sequences per forward pass.
-        device: Where the model runs: 'cpu', 'cuda', 'cuda:1', ...
+        device: Where the model runs: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
         seed: Seed of the random repeated sequences.
         queues: Queue files that hold the experiment (default: experiments.yaml and experiments.demo.yaml).
     """
     start = time.perf_counter()
+    device = resolve_device(device)
     entry = select_experiments(model, queues)[0]
     trained = load_trained(final_checkpoint_dir(entry), device=device)
     config, tokenizer = trained.config, trained.tokenizer
@@ -179,7 +181,7 @@ def interpret(
 
 
 def interpret_compare(
-    gpt: str, llama: str, device: str = "cpu", out_dir: Path = REPORT_DIR, queues: list[Path] | None = None
+    gpt: str, llama: str, device: str = "auto", out_dir: Path = REPORT_DIR, queues: list[Path] | None = None
 ) -> Path:
     """Put two models (a GPT and a LLaMA of one size) side by side: head scores, ablations, logit lens.
 
@@ -189,10 +191,12 @@ def interpret_compare(
     Args:
         gpt: The first experiment (normally the GPT-style one).
         llama: The second experiment (normally the LLaMA-style one of the same size).
-        device: Where to run `interpret` for a model that has no results yet.
+        device: Where to run `interpret` for a model that has no results yet: 'auto' (cuda if available,
+            else cpu), 'cpu' or 'cuda'.
         out_dir: Folder of the comparison pages (the report links every page in it).
         queues: Queue files that hold the experiments (default: experiments.yaml and experiments.demo.yaml).
     """
+    device = resolve_device(device)
     dirs = {}
     for name in (gpt, llama):
         folder = interp_dir(name, queues)
