@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from tinystories_lab.bench.training import Setting, resolve_config, run_project
-from tinystories_lab.configs import format_table, parse_config
+from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.hardware import resolve_device
+from tinystories_lab.render import format_table
 
 VARIANTS = [
     f"{arch}_{shape}" for shape in ("6L_6H_288D", "8L_8H_768D", "12L_8H_1024D") for arch in ("gpt", "llama")

@@ -31,7 +31,9 @@ from tinystories_lab.configs import count_parameters, model_config, parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.listing import DEFAULT_QUEUES
 from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.runs import metrics_files
 from tinystories_lab.hardware import cpu_count, resolve_device
+from tinystories_lab.render import table
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 RESULTS_DIR = Path("benchmarks/results")
@@ -118,7 +120,7 @@ def run_project(
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
     if status != 0:
         raise RuntimeError(f"the project's training path failed:\n{output[-3000:]}")
-    with open(next(workdir.glob("logs/csv/version_*/metrics.csv")), newline="") as f:
+    with open(metrics_files(workdir)[0], newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("loss")]
     # `time` is the wall time since training started, logged after every optimizer step.
     times = [float(r["time"]) for r in rows]
@@ -294,24 +296,25 @@ def results_table(report: dict) -> str:
         "data wait",
         "loss first -> last",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in report["results"]:
         p, b = r["project"], r["bare"]
-        cells = [
-            r["model"],
-            r["precision"],
-            r["micro_batch_size"],
-            "yes" if r["compile"] else "no",
-            f"{p['tokens_per_s']:,.0f}",
-            f"{b['tokens_per_s']:,.0f}",
-            f"{r['ratio_project_over_bare']:.3f}",
-            f"{p['mfu']:.1%}",
-            f"{b['mfu']:.1%}",
-            f"{p['peak_memory_gib']:.2f} / {b['peak_memory_gib']:.2f}",
-            f"{r['data_wait_share']:.2%}",
-            f"{p['losses'][0]:.3f} -> {p['losses'][-1]:.3f}",
-        ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        rows.append(
+            [
+                r["model"],
+                r["precision"],
+                r["micro_batch_size"],
+                "yes" if r["compile"] else "no",
+                f"{p['tokens_per_s']:,.0f}",
+                f"{b['tokens_per_s']:,.0f}",
+                f"{r['ratio_project_over_bare']:.3f}",
+                f"{p['mfu']:.1%}",
+                f"{b['mfu']:.1%}",
+                f"{p['peak_memory_gib']:.2f} / {b['peak_memory_gib']:.2f}",
+                f"{r['data_wait_share']:.2%}",
+                f"{p['losses'][0]:.3f} -> {p['losses'][-1]:.3f}",
+            ]
+        )
     peaks = report["peak_flops"]
     caption = (
         f"Device: {report['device']}, torch {report['torch']}, {report['date']}. Matmul peak "
@@ -319,7 +322,7 @@ def results_table(report: dict) -> str:
         f"Tokens/s from the median step time of {report['steps']} steps after {report['warmup']} warm-up "
         f"steps; each path run {report['repeats']} time(s), alternated, the median run shown."
     )
-    return "\n".join([caption, "", *lines])
+    return "\n".join([caption, "", table(header, rows)])
 
 
 def bench(

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinystories_lab.configs import architecture, count_parameters, format_table
+from tinystories_lab.configs import architecture, count_parameters
 from tinystories_lab.data.sources import Separator, read_text_file
 from tinystories_lab.data.tokens import encode_stories, stories_fingerprint
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.runs import Checkpoint, read_curves
+from tinystories_lab.experiments.runs import Checkpoint, metrics_files, read_curves, world_size
 from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints, training_data
+from tinystories_lab.render import format_table
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
 
@@ -99,9 +100,8 @@ def validation_text(source: str) -> str:
 def training_summary(out_dir: Path, hparams: dict, thresholds: list[float]) -> dict:
     """Throughput, training-loop time and convergence speed from the run's CSV metrics."""
     rates, wall = [], 0.0
-    devices = hparams.get("devices", 1)
-    world = (devices if isinstance(devices, int) else 1) * hparams.get("num_nodes", 1)
-    for path in sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv")):
+    world = world_size(hparams)
+    for path in metrics_files(out_dir):
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("time")]
         rates += [float(r["device/items_per_sec"]) * world for r in rows if r.get("device/items_per_sec")]

@@ -15,13 +15,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tinystories_lab.configs import format_table
 from tinystories_lab.data.sources import Separator, load_split, read_text_file, source_name
 from tinystories_lab.data.tokens import stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import validation_text, window_loss
 from tinystories_lab.export.hf import BOUNDARY_KEY
 from tinystories_lab.hardware import resolve_device
+from tinystories_lab.render import format_table
 
 REFERENCE_DIR = Path("experiments/reference")
 Boundary = Literal["auto", "bos", "eos", "bos_eos"]

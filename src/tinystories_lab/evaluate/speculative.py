@@ -22,13 +22,13 @@ from litgpt.generate.base import generate as generate_alone
 from litgpt.generate.speculative_decoding import next_token, speculative_decoding
 from tqdm import tqdm
 
-from tinystories_lab.configs import architecture, count_parameters, format_table
+from tinystories_lab.configs import architecture, count_parameters
 from tinystories_lab.data.tokenizer import fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.samples import PROMPTS
 from tinystories_lab.hardware import resolve_device
-from tinystories_lab.interpret.markdown import escape, table
 from tinystories_lab.models import TrainedModel, load_trained, select_checkpoints
+from tinystories_lab.render import escape, format_table, table
 
 SPECULATIVE_DIR = Path("experiments/report/speculative")
 SEED = 1234

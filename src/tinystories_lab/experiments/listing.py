@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tinystories_lab.configs import architecture, count_parameters, format_table, model_config, parse_config
+from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import slurm
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import last_val_loss, newest_loadable, out_dir_of
+from tinystories_lab.render import format_table
 
 DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]
 

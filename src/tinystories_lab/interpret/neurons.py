@@ -21,10 +21,10 @@ import torch
 from litgpt import GPT
 from tqdm import tqdm
 
-from tinystories_lab.interpret import markdown
 from tinystories_lab.interpret.hooks import gpt_of, is_gated, record
 from tinystories_lab.interpret.inputs import label
 from tinystories_lab.models import TrainedModel
+from tinystories_lab.render import escape, table
 
 
 @dataclass
@@ -192,7 +192,7 @@ def write_neurons(
         "",
         "## Dead neurons",
         "",
-        markdown.table(
+        table(
             ["layer", "dead", "fraction", "mean firing rate"],
             [
                 [p["layer"], p["dead"], f"{p['dead_fraction']:.1%}", f"{p['mean_fire_rate']:.1%}"]
@@ -203,7 +203,7 @@ def write_neurons(
         "",
         f"## The {len(best)} most selective neurons",
         "",
-        markdown.table(
+        table(
             ["neuron", "selectivity", "firing rate", "top activation", "its context"],
             [
                 [
@@ -226,7 +226,7 @@ def write_neurons(
             f"selectivity {selectivity[layer, neuron]:.1f}, fires on {stats.fire_rate[layer, neuron]:.1%} of "
             f"tokens, mean {stats.mean[layer, neuron]:.3f}, std {stats.std[layer, neuron]:.3f}",
             "",
-            markdown.table(
+            table(
                 ["activation", "context"],
                 [
                     [f"{t['activation']:.2f}", _highlight(t["context"], t["token"])]
@@ -242,6 +242,6 @@ def write_neurons(
 
 def _highlight(text: str, token: str) -> str:
     """The context with its token in bold (a leading space stays outside the bold, or Markdown ignores it)."""
-    shown = markdown.escape(token)
+    shown = escape(token)
     core = shown.lstrip(" ")
-    return f"{markdown.escape(text)}{shown[: len(shown) - len(core)]}**{core or '␣'}**"
+    return f"{escape(text)}{shown[: len(shown) - len(core)]}**{core or '␣'}**"
