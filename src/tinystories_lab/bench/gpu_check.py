@@ -99,7 +99,7 @@ def check_demo(precision: str, steps: int, data_dir: Path, device: str, compile:
         queue.write_text(yaml.safe_dump({"experiments": [entry]}, sort_keys=False))
         queues = f"[{queue}]"
         verbs = {
-            "train": ["run-specific", "gpt_demo", "--queue", str(queue)],
+            "train": ["run-specific", "gpt_demo", "--queues", queues],
             "eval": ["eval", "--model", "gpt_demo", "--queues", queues, "--device", device],
             "sample": ["sample", "--model", "gpt_demo", "--queues", queues, "--device", device],
             "interpret": ["interpret", "gpt_demo", "--queues", queues, "--device", device, "--windows", "16"],

@@ -83,6 +83,7 @@ def step_memory(
     compile: bool = True,
     device: str = "auto",
     data_dir: Path = Path("data"),
+    queues: list[Path] | None = None,
 ) -> list[dict]:
     """Peak memory of each config's real training step at its micro batch (or `micro_batch_size`).
 
@@ -95,11 +96,13 @@ def step_memory(
         compile: Compile the model, as training does.
         device: 'auto', 'cpu' or 'cuda'.
         data_dir: Data folder holding the sample's tokenizer and token files.
+        queues: Queue files to look experiment names up in (default: experiments.yaml and
+            experiments.demo.yaml).
     """
     device = resolve_device(device)
     rows = []
     for model in models:
-        config = resolve_config(model)
+        config = resolve_config(model, queues)
         micro = micro_batch_size or parse_config(config).train.micro_batch_size
         peak = step_peak(config, micro, Setting(model).overrides(data_dir), device, compile)[
             "peak_memory_gib"

@@ -29,8 +29,7 @@ import torch
 
 from tinystories_lab.configs import count_parameters, model_config, parse_config
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.listing import DEFAULT_QUEUES
-from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.queue import find, load_entries
 from tinystories_lab.experiments.runs import metrics_files
 from tinystories_lab.hardware import cpu_count, resolve_device
 from tinystories_lab.render import table
@@ -39,15 +38,11 @@ Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 RESULTS_DIR = Path("benchmarks/results")
 
 
-def resolve_config(model: str) -> Path:
+def resolve_config(model: str, queues: list[Path] | None = None) -> Path:
     """A config path from an experiment name (in the queues) or a path to a YAML file."""
     if Path(model).is_file():
         return Path(model)
-    entries = [e for q in DEFAULT_QUEUES if q.is_file() for e in Queue(q).load()]
-    for entry in entries:
-        if entry["name"] == model:
-            return Path(entry["config"])
-    raise UserError(f"Unknown model {model!r}. Valid names: {', '.join(e['name'] for e in entries)}.")
+    return Path(find(load_entries(queues), model)["config"])
 
 
 def device_name(device: torch.device) -> str:
@@ -199,9 +194,10 @@ def bench_one(
     data_dir: Path,
     device: torch.device,
     peaks: dict[str, float],
+    queues: list[Path] | None = None,
 ) -> dict:
     """Both paths for one setting: tokens/s, their ratio, MFU, peak memory and the data wait."""
-    config = resolve_config(setting.model)
+    config = resolve_config(setting.model, queues)
     if not (data_dir / "tokenizers" / "sample").is_dir():
         raise UserError(
             f"No sample data in {data_dir}: benchmarks train on the sample; run `make data-sample`."
@@ -246,6 +242,7 @@ def run_benchmarks(
     device: str,
     out_dir: Path,
     name: str,
+    queues: list[Path] | None = None,
 ) -> dict:
     """Measure the device's peaks, then every setting; write <device>-<date>-<name>.json and .md."""
     if steps < 1 or warmup < 1:
@@ -258,7 +255,7 @@ def run_benchmarks(
     results = []
     for setting in settings:
         print(f"Benchmarking {setting}")
-        results.append(bench_one(setting, steps, warmup, repeats, data_dir, dev, peaks))
+        results.append(bench_one(setting, steps, warmup, repeats, data_dir, dev, peaks, queues))
     report = {
         "name": name,
         "device": device_name(dev),
@@ -338,6 +335,7 @@ def bench(
     device: str = "auto",
     out_dir: Path = RESULTS_DIR,
     name: str = "bench",
+    queues: list[Path] | None = None,
 ) -> dict:
     """Tokens/s of the project's training path (LitGPT's loop as the runner starts it) and of a bare loop,
     their ratio, MFU, peak memory and the share of step time spent waiting for data; written to
@@ -356,9 +354,11 @@ def bench(
         device: 'auto', 'cpu' or 'cuda'.
         out_dir: Where the results go.
         name: Names the result files, e.g. "demo" or "6L".
+        queues: Queue files to look experiment names up in (default: experiments.yaml and
+            experiments.demo.yaml).
     """
     settings = [Setting(m, precision, micro_batch_size, global_batch_size, compile) for m in model.split(",")]
-    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name)
+    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name, queues)
 
 
 def bench_sweep(
@@ -372,6 +372,7 @@ def bench_sweep(
     device: str = "auto",
     out_dir: Path = RESULTS_DIR,
     name: str = "sweep",
+    queues: list[Path] | None = None,
 ) -> dict:
     """Every precision x micro batch (global batch = micro batch), per variant; both paths each time.
 
@@ -386,6 +387,8 @@ def bench_sweep(
         device: 'auto', 'cpu' or 'cuda'.
         out_dir: Where the results go.
         name: Names the result files: <device>-<date>-<name>.json and .md.
+        queues: Queue files to look experiment names up in (default: experiments.yaml and
+            experiments.demo.yaml).
     """
     settings = [Setting(m, p, mb) for m in model.split(",") for mb in micro_batch_sizes for p in precisions]
-    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name)
+    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name, queues)

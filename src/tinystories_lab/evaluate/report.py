@@ -12,8 +12,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
 from tinystories_lab.evaluate.reference import REFERENCE_DIR
-from tinystories_lab.experiments.listing import DEFAULT_QUEUES
-from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.queue import load_entries, queue_files
 from tinystories_lab.experiments.runs import Point, final_checkpoint, is_current, out_dir_of, read_curves
 from tinystories_lab.render import plt, save, table
 
@@ -70,25 +69,24 @@ class Run:
 def load_runs(queues: list[Path]) -> list[Run]:
     """Every entry of the queues, with whatever its run folder holds."""
     runs = []
-    for queue in queues:
-        for entry in Queue(queue).load():
-            cfg = parse_config(entry["config"], *entry.get("args", []))
-            config = model_config(cfg)
-            out_dir = out_dir_of(entry)
-            train, val = read_curves(out_dir)
-            run = Run(
-                entry=entry,
-                arch=architecture(config),
-                size=f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
-                parameters=count_parameters(config, cfg.train.tie_embeddings),
-                out_dir=out_dir,
-                train=train,
-                val=val,
-            )
-            for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
-                if is_current(out_dir / name, out_dir):  # not from before the run was extended
-                    setattr(run, attr, json.loads((out_dir / name).read_text()))
-            runs.append(run)
+    for entry in load_entries(queues):
+        cfg = parse_config(entry["config"], *entry.get("args", []))
+        config = model_config(cfg)
+        out_dir = out_dir_of(entry)
+        train, val = read_curves(out_dir)
+        run = Run(
+            entry=entry,
+            arch=architecture(config),
+            size=f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
+            parameters=count_parameters(config, cfg.train.tie_embeddings),
+            out_dir=out_dir,
+            train=train,
+            val=val,
+        )
+        for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
+            if is_current(out_dir / name, out_dir):  # not from before the run was extended
+                setattr(run, attr, json.loads((out_dir / name).read_text()))
+        runs.append(run)
     return runs
 
 
@@ -437,7 +435,7 @@ def report(
         reference_dir: Measured results of published models (`make eval-reference`, `make eval-hf`);
             those on the runs' stories join the results table and the scaling figure.
     """
-    queues = queues or [q for q in DEFAULT_QUEUES if q.is_file()]
+    queues = queue_files(queues)
     runs = load_runs(queues)
     out_dir.mkdir(parents=True, exist_ok=True)
     anchors = yaml.safe_load(ANCHORS.read_text())
