@@ -25,7 +25,7 @@ from tinystories_lab.bench.precision import choose_precision
 from tinystories_lab.bench.training import (
     RESULTS_DIR,
     Setting,
-    child_env,
+    bench_env,
     device_name,
     flops_per_token,
     peak_flops,
@@ -109,7 +109,7 @@ def check_demo(precision: str, steps: int, data_dir: Path, device: str, compile:
             t0 = time.perf_counter()
             result = subprocess.run(
                 [sys.executable, "-m", "tinystories_lab.cli", *argv], capture_output=True, text=True,
-                env=child_env(compile, device),
+                env=bench_env(compile, device),
             )  # fmt: skip
             if result.returncode != 0:
                 output = f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"

@@ -109,7 +109,7 @@ def run_project(
         "--eval.final_validation=false",
     ]
     proc = subprocess.Popen(
-        cmd, env=child_env(compile, device, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, env=bench_env(compile, device, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
@@ -137,13 +137,13 @@ def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compil
         config=str(config), overrides=overrides, steps=steps, warmup=warmup, compile=compile, device=device
     )
     cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=child_env(True, device))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(True, device))
     if result.returncode != 0:
         raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def child_env(compile: bool, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def bench_env(compile: bool, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a child (from `base`, default ours): LitGPT always compiles unless
     TORCH_COMPILE_DISABLE=1, and picks a GPU whenever it sees one, so a CPU benchmark hides them."""
     env = {k: v for k, v in (base or os.environ).items() if k != "TORCH_COMPILE_DISABLE"}
@@ -270,14 +270,14 @@ def run_benchmarks(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{report['device']}-{report['date']}-{name}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = results_table(report)
-    (out_dir / f"{stem}.md").write_text(table + "\n")
-    print(table)
+    page = bench_page(report)
+    (out_dir / f"{stem}.md").write_text(page + "\n")
+    print(page)
     print(f"Results: {out_dir / stem}.json and .md")
     return report
 
 
-def results_table(report: dict) -> str:
+def bench_page(report: dict) -> str:
     """The report as Markdown: one row per setting."""
     header = [
         "model",

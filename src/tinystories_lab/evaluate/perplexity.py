@@ -77,7 +77,7 @@ def text_tokens(
     return tokens, sum(len(s.encode()) for s in stories), stories
 
 
-def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, str, dict]:
+def validation_split(trained: TrainedModel) -> tuple[np.ndarray, int, str, dict]:
     """The run's own validation split (checked against its tokenizer), its byte count, a description,
     and what meta.json says about its stories (their hash, how many also occur in the training split)."""
     data = training_data(trained)
@@ -127,7 +127,7 @@ def evaluate_run(
     """Evaluate one checkpoint on its validation split (or a text file) and summarise its training run."""
     trained = load_trained(checkpoint_dir)
     if text is None:
-        tokens, n_bytes, described, about = validation_tokens(trained)
+        tokens, n_bytes, described, about = validation_split(trained)
     else:
         tokens, n_bytes, stories = text_tokens(trained, text, separator)
         described = str(text)

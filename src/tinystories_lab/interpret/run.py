@@ -37,7 +37,7 @@ from tinystories_lab.interpret.logit_lens import logit_lens, write_logit_lens
 from tinystories_lab.interpret.neurons import neuron_stats, write_neurons
 from tinystories_lab.models import TrainedModel, final_checkpoint_dir, load_trained, select_experiments
 
-REPORT_DIR = Path("experiments/report/interp")
+COMPARE_DIR = Path("experiments/report/interp")
 
 
 def interp_dir(model: str, queues: list[Path] | None = None) -> Path:
@@ -238,7 +238,7 @@ def interpret_summary(
 
 
 def interpret_compare(
-    gpt: str, llama: str, device: str = "auto", out_dir: Path = REPORT_DIR, queues: list[Path] | None = None
+    gpt: str, llama: str, device: str = "auto", out_dir: Path = COMPARE_DIR, queues: list[Path] | None = None
 ) -> Path:
     """Put two models (a GPT and a LLaMA of one size) side by side: head scores, ablations, logit lens.
 
