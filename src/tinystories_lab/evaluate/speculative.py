@@ -219,8 +219,8 @@ def speculative(
     equals the target's own. Writes experiments/report/speculative/<draft>-<target>.json and .md.
 
     Args:
-        draft: The smaller model: an experiment's name, or a checkpoint folder (a run or a fine-tune).
-        target: The larger model, likewise. Both must share a tokenizer.
+        draft: The smaller run: an experiment's name, or a checkpoint folder (a run or a fine-tune).
+        target: The larger run, likewise. Both must share a tokenizer.
         k: Draft tokens per round.
         max_new_tokens: New tokens per prompt at most (fewer at EOS or at the smaller context length).
         prompts: Prompts to continue (default: the five fixed prompts of `make sample`).

@@ -84,7 +84,7 @@ def export(
     card); a folder holding anything else is refused.
 
     Args:
-        model: The experiment's name in the queue, e.g. gpt_6L_6H_288D, or a checkpoint folder (a run's, or a
+        model: The experiment's name in the queues, e.g. gpt_6L_6H_288D, or a checkpoint folder (a run's, or a
             fine-tune's under experiments/finetune/).
         out_dir: Where to write (default: hf/ in the run's folder, e.g. experiments/tiny_stories/<name>/hf).
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).

@@ -69,7 +69,7 @@ def interpret(
     activating contexts, zero and mean ablations, and the logit lens, linked from interp/index.md.
 
     Args:
-        model: Experiment name, as in experiments.yaml or experiments.demo.yaml; its final checkpoint is used.
+        model: The experiment's name in the queues; its run's final checkpoint is used.
         story: Which validation story (0 = the first) the attention patterns show.
         text: Show the attention patterns on this text instead of a validation story.
         attention_tokens: Tokens of that story shown (from its BOS on); labels get hard to read beyond ~48.
@@ -240,7 +240,7 @@ def interpret_summary(
 def interpret_compare(
     gpt: str, llama: str, device: str = "auto", out_dir: Path = COMPARE_DIR, queues: list[Path] | None = None
 ) -> Path:
-    """Put two models (a GPT and a LLaMA of one size) side by side: head scores, ablations, logit lens.
+    """Put two runs (a GPT and a LLaMA of one size) side by side: head scores, ablations, logit lens.
 
     Writes <out_dir>/<gpt>-vs-<llama>.md with its PNGs next to it. A model without interpret results, or
     whose results predate its final checkpoint, gets them first, with the default settings.
@@ -248,7 +248,7 @@ def interpret_compare(
     Args:
         gpt: The first experiment (normally the GPT-style one).
         llama: The second experiment (normally the LLaMA-style one of the same size).
-        device: Where to run `interpret` for a model that has no results yet: 'auto' (cuda if available,
+        device: Where to run `interpret` for a run that has no results yet: 'auto' (cuda if available,
             else cpu), 'cpu' or 'cuda'.
         out_dir: Folder of the comparison pages (the report links every page in it).
         queues: Queue files that hold the experiments (default: experiments.yaml and experiments.demo.yaml).
