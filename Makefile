@@ -17,7 +17,7 @@ MODEL ?=
 DATA_DIR ?= data
 VOCAB ?= 32000
 SAMPLE_VOCAB ?= 8192
-QUEUE ?= experiments.yaml
+QUEUE ?=
 ARGS ?=
 LOGGER ?=
 OPTIONAL ?=
@@ -44,13 +44,16 @@ METHOD ?= lora
 LR ?=
 BENCH_OUT ?= benchmarks/results
 
-RUN_FLAGS = --queue $(QUEUE) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) \
+# QUEUE=file limits every target that takes experiments to that queue file; without it the run targets
+# use experiments.yaml and the others experiments.yaml and experiments.demo.yaml.
+QUEUES_FLAG = $(if $(QUEUE),--queues '[$(QUEUE)]')
+RUN_FLAGS = $(QUEUES_FLAG) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) \
 	$(if $(MICRO),--micro_batch_size $(MICRO))
 DEMO_QUEUE = --queues '[experiments.demo.yaml]'
 DEVICE_FLAG = $(if $(DEVICE),--device $(DEVICE))
 EVAL_TEXT_FLAGS = $(if $(TEXT),--text '$(TEXT)') $(if $(SOURCE),--source '$(SOURCE)') --data_dir $(DATA_DIR)
 BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) --data_dir $(DATA_DIR) \
-	--out_dir $(BENCH_OUT) $(DEVICE_FLAG)
+	--out_dir $(BENCH_OUT) $(DEVICE_FLAG) $(QUEUES_FLAG)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo \
@@ -86,7 +89,7 @@ configs: ## Print every config's shape and true parameter count
 # Training: the experiment queue
 
 list: ## Show every experiment: architecture, parameters, status, progress, last val loss (QUEUE=)
-	$(LAB) list $(if $(filter-out file,$(origin QUEUE)),--queues '[$(QUEUE)]')
+	$(LAB) list $(QUEUES_FLAG)
 
 run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS=, LOGGER=, OPTIONAL=1, RESTART=1, WAIT=1)
 	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true) $(if $(RESTART),--restart true)
@@ -98,10 +101,10 @@ run-all: ## Train every todo experiment in order, past failures (ARGS=, LOGGER=,
 	$(LAB) run-all $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
 
 reset: ## Put MODEL back to todo; checkpoints and arguments kept unless DELETE=1
-	$(LAB) reset '$(MODEL)' --queue $(QUEUE) $(if $(DELETE),--delete_checkpoints true)
+	$(LAB) reset '$(MODEL)' $(QUEUES_FLAG) $(if $(DELETE),--delete_checkpoints true)
 
 cancel: ## Stop MODEL (cancel its SLURM job, or stop its local runner) and put it back to todo
-	$(LAB) cancel '$(MODEL)' --queue $(QUEUE)
+	$(LAB) cancel '$(MODEL)' $(QUEUES_FLAG)
 
 slurm-local: ## Start a one-node SLURM cluster on this machine (installs slurm-wlm and munge with apt, as root)
 	bash scripts/slurm_local.sh start
@@ -111,7 +114,7 @@ slurm-local-stop: ## Stop the one-node SLURM cluster
 
 demo: data-sample ## Offline demo: sample data, train both demo models (PRECISION=), eval, samples, interpret, report
 	precision=$(or $(PRECISION),$$($(LAB) precision)) && \
-		$(LAB) run-all --queue experiments.demo.yaml --args="--precision=$$precision "'$(ARGS)'
+		$(LAB) run-all $(DEMO_QUEUE) --args="--precision=$$precision "'$(ARGS)'
 	$(LAB) eval $(DEMO_QUEUE)
 	$(LAB) sample $(DEMO_QUEUE)
 	$(LAB) interpret-compare gpt_demo llama_demo $(DEMO_QUEUE)
@@ -120,7 +123,7 @@ demo: data-sample ## Offline demo: sample data, train both demo models (PRECISIO
 # Evaluation and interpretability
 
 eval: ## Loss, perplexity, bits/byte of finished runs on the whole validation split (MODEL=, TEXT=, DEVICE=)
-	$(LAB) eval $(if $(MODEL),--model '$(MODEL)') $(if $(TEXT),--text '$(TEXT)') $(DEVICE_FLAG)
+	$(LAB) eval $(if $(MODEL),--model '$(MODEL)') $(if $(TEXT),--text '$(TEXT)') $(QUEUES_FLAG) $(DEVICE_FLAG)
 
 eval-hf: ## Bits/byte of any transformers model on the same stories: HF=hub-id-or-folder (TEXT= REVISION= CONTEXT= SOURCE= DEVICE=)
 	$(LAB) eval-hf '$(HF)' $(EVAL_TEXT_FLAGS) $(if $(REVISION),--revision '$(REVISION)') \
@@ -130,19 +133,19 @@ eval-reference: ## The published TinyStories models, pinned, scored as eval-hf d
 	$(LAB) eval-reference $(if $(MODEL),--model '$(MODEL)') $(EVAL_TEXT_FLAGS) $(DEVICE_FLAG)
 
 sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=, DEVICE=)
-	$(LAB) sample $(if $(MODEL),--model '$(MODEL)') $(DEVICE_FLAG)
+	$(LAB) sample $(if $(MODEL),--model '$(MODEL)') $(QUEUES_FLAG) $(DEVICE_FLAG)
 
 report: ## Compare every run in experiments/report/README.md with figures
-	$(LAB) report
+	$(LAB) report $(QUEUES_FLAG)
 
 speculative: ## Speculative decoding: DRAFT= run drafts for TARGET= run (K=4): acceptance, tok/s vs target alone
-	$(LAB) speculative '$(DRAFT)' '$(TARGET)' $(if $(K),--k $(K)) $(DEVICE_FLAG)
+	$(LAB) speculative '$(DRAFT)' '$(TARGET)' $(if $(K),--k $(K)) $(QUEUES_FLAG) $(DEVICE_FLAG)
 
 interpret: ## Attention, head scores, neurons, ablations, logit lens of MODEL -> its interp/ (DEVICE=)
-	$(LAB) interpret '$(MODEL)' $(DEVICE_FLAG)
+	$(LAB) interpret '$(MODEL)' $(QUEUES_FLAG) $(DEVICE_FLAG)
 
 interpret-compare: ## GPT vs LLaMA page in experiments/report/interp/ (GPT=, LLAMA=: two experiment names)
-	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(DEVICE_FLAG)
+	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(QUEUES_FLAG) $(DEVICE_FLAG)
 
 # Fine-tuning on instructions
 
@@ -154,15 +157,15 @@ data-instruct-sample: ## The offline instruction set from the bundled sample (da
 
 finetune: ## Fine-tune MODEL= run with LitGPT: DATA=sample|tinystories|file METHOD=lora|full (LR=, ARGS=)
 	$(LAB) finetune '$(MODEL)' --data '$(DATA)' --method $(METHOD) $(if $(LR),--lr $(LR)) --args='$(ARGS)' \
-		--data_dir $(DATA_DIR)
+		--data_dir $(DATA_DIR) $(QUEUES_FLAG)
 
 # Release
 
 export: ## Export MODEL (a run, or a fine-tune's folder) to its hf/ folder for transformers, with a parity check
-	$(LAB) export '$(MODEL)'
+	$(LAB) export '$(MODEL)' $(QUEUES_FLAG) $(DEVICE_FLAG)
 
 publish: ## Upload MODEL's hf/ folder to the Hugging Face Hub: REPO=your-name/repo (needs a token)
-	$(LAB) publish '$(MODEL)' '$(REPO)'
+	$(LAB) publish '$(MODEL)' '$(REPO)' $(QUEUES_FLAG)
 
 # Benchmarks
 
@@ -176,7 +179,7 @@ bench-data: ## Token-file encoding throughput, 1 thread vs all cores, on the sam
 	$(LAB) bench-data
 
 step-memory: data-sample ## Peak memory of each config's real training step (MODEL=a,b DEVICE=)
-	$(LAB) step-memory $(if $(MODEL),--models '[$(MODEL)]') $(DEVICE_FLAG) --data_dir $(DATA_DIR)
+	$(LAB) step-memory $(if $(MODEL),--models '[$(MODEL)]') $(DEVICE_FLAG) --data_dir $(DATA_DIR) $(QUEUES_FLAG)
 
 gpu-check: data-sample ## One-command check of a GPU box: precision, speed, MFU, memory, every tool on the device (DEVICE=)
 	$(LAB) gpu-check $(DEVICE_FLAG) --data_dir $(DATA_DIR) --out_dir $(BENCH_OUT)

@@ -108,7 +108,7 @@ UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] i
 def runner(verb, queue, *args, wait=True, unprivileged=False):
     """The real runner CLI in a subprocess (TORCH_COMPILE_DISABLE=1 keeps each LitGPT start short);
     `unprivileged`: as a user whom file permissions bind, even when the tests run as root."""
-    cmd = [sys.executable, "-m", "tinystories_lab.cli", verb, "--queue", str(queue), *args]
+    cmd = [sys.executable, "-m", "tinystories_lab.cli", verb, "--queues", f"[{queue}]", *args]
     cmd = (UNPRIVILEGED if unprivileged else []) + cmd
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     if not wait:

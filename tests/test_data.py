@@ -378,7 +378,7 @@ def test_a_garbage_tokenizer_is_one_line_naming_the_fix(file, sample_data, tmp_p
     queue.write_text(f"experiments:\n  - {entry}\n")
     for argv in (
         ["data", "--source", "sample", "--data_dir", str(data_dir)],
-        ["run-next", "--queue", str(queue)],
+        ["run-next", "--queues", f"[{queue}]"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -45,8 +45,7 @@ def test_a_name_that_is_not_a_folder_name_is_refused_and_nothing_is_touched(name
     before = queue.read_bytes()
     experiments = sorted((ROOT / "experiments").rglob("*"))
     for argv in (["run-next"], ["reset", str(name), "--delete_checkpoints", "true"], ["list"]):
-        flag = "--queues" if argv[0] == "list" else "--queue"
-        code, _, err = run_cli([*argv, flag, f"[{queue}]" if argv[0] == "list" else str(queue)], capsys)
+        code, _, err = run_cli([*argv, "--queues", f"[{queue}]"], capsys)
         assert code == 1 and "becomes a folder name" in err, err
     assert queue.read_bytes() == before
     assert sorted((ROOT / "experiments").rglob("*")) == experiments  # no lock, no folder, nothing deleted
@@ -68,12 +67,16 @@ def test_reset_delete_deletes_only_the_folder_the_runner_made_for_that_name(tmp_
                 "other": "was not made by the runner for other"}  # fmt: skip
     for name, message in refusals.items():
         before = queue.read_bytes()
-        code, _, err = run_cli(["reset", name, "--queue", str(queue), "--delete_checkpoints", "true"], capsys)
+        code, _, err = run_cli(
+            ["reset", name, "--queues", f"[{queue}]", "--delete_checkpoints", "true"], capsys
+        )
         assert code == 1 and message in err, err
         assert queue.read_bytes() == before
     assert (runs / "hand" / "step-00000001").is_dir() and (tmp_path / "elsewhere" / "final").is_dir()
     assert (runs / "linked").is_symlink() and (runs / "other" / "run.yaml").is_file()
-    assert run_cli(["reset", "mine", "--queue", str(queue), "--delete_checkpoints", "true"], capsys)[0] == 0
+    assert (
+        run_cli(["reset", "mine", "--queues", f"[{queue}]", "--delete_checkpoints", "true"], capsys)[0] == 0
+    )
     assert not (runs / "mine").exists()
 
 
@@ -81,7 +84,7 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, sample_data, capsys):
     e = entry("a", tmp_path, sample_data)
     e["args"][0] = f"--data.init_args.data_dir={tmp_path / 'nothing'}"  # token files missing
     queue = write_queue(tmp_path / "q.yaml", [e])
-    code, _, err = run_cli(["run-next", "--queue", str(queue)], capsys)
+    code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
     assert code == 1 and "make data-sample" in err
     assert not (tmp_path / "runs" / "a").exists()
 
@@ -197,7 +200,7 @@ def test_a_symlinked_queue_is_rewritten_through_its_link(tmp_path, sample_data, 
     target = write_queue(tmp_path / "real.yaml", [{**entry("a", tmp_path, sample_data), "status": "failed"}])
     link = tmp_path / "experiments.yaml"
     link.symlink_to(target)
-    assert run_cli(["reset", "a", "--queue", str(link)], capsys)[0] == 0
+    assert run_cli(["reset", "a", "--queues", f"[{link}]"], capsys)[0] == 0
     assert link.is_symlink() and status(target, "a")["status"] == "todo"
 
 
@@ -210,9 +213,9 @@ def test_a_failed_run_is_named_by_run_next_and_keeps_its_arguments_through_reset
     failed = {**entry("a", tmp_path, sample_data), "status": "failed", "exit_code": 137}
     failed["run_args"] = ["--train.max_tokens=98304"]
     queue = write_queue(tmp_path / "q.yaml", [failed])
-    code, out, _ = run_cli(["run-next", "--queue", str(queue)], capsys)
+    code, out, _ = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
     assert code == 0 and "Failed: a (exit 137)" in out and "make reset MODEL=<name>" in out
-    assert run_cli(["reset", "a", "--queue", str(queue)], capsys)[0] == 0
+    assert run_cli(["reset", "a", "--queues", f"[{queue}]"], capsys)[0] == 0
     a = status(queue, "a")
     assert a["status"] == "todo" and a["run_args"] == ["--train.max_tokens=98304"] and "exit_code" not in a
 
@@ -233,7 +236,7 @@ def test_a_stopped_queue_lock_holder_is_named_and_the_wait_ends(tmp_path, sample
         monkeypatch.setattr(Queue, "LOCK_TIMEOUT_S", 3)
         monkeypatch.setattr(Queue, "LOCK_NOTICE_S", 1)
         start = time.monotonic()
-        code, out, err = run_cli(["run-next", "--queue", str(queue)], capsys)
+        code, out, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
         assert code == 1 and time.monotonic() - start < 30
         assert f"Waiting for the lock of {queue}: held by pid {holder.pid}" in out
         assert f"held by pid {holder.pid}" in err and "(stopped)" in err and "kill -CONT" in err
@@ -255,7 +258,7 @@ def test_bad_training_settings_are_refused_before_start(tmp_path, sample_data, c
     for arg, message in cases.items():
         queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, extra=[arg])])
         before = queue.read_bytes()
-        code, _, err = run_cli(["run-next", "--queue", str(queue)], capsys)
+        code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
         assert code == 1 and message in err, (arg, err)
         assert queue.read_bytes() == before
         code, out, _ = run_cli(["list", "--queues", f"[{queue}]"], capsys)

@@ -14,7 +14,7 @@ from litgpt import GPT, Config
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import evaluate
 from tinystories_lab.evaluate.samples import INSTRUCTIONS, sample
-from tinystories_lab.experiments.runs import RunLock
+from tinystories_lab.experiments.locks import RunLock
 from tinystories_lab.export.exporter import export
 from tinystories_lab.finetune.data import data_instruct, drawn_words, instruction, parse_instruct
 from tinystories_lab.finetune.run import finetune

@@ -232,9 +232,11 @@ def test_interpret_and_compare_write_every_file_and_link_them(trained_demos, tmp
     queue.write_text(yaml.safe_dump({"experiments": entries}))
     small = "--windows 2 --ablation_windows 1 --stories 2 --repeats 2 --period 8 --attention_tokens 12"
     small = [*small.split(), "--neurons", "3", "--top_k", "2", "--queues", f"[{queue}]"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         main(["interpret", "gpt_demo", "--period", "100", "--queues", f"[{queue}]"])
-    assert "makes sequences of 201 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert refused.value.code == 1, err  # a refusal, not a crash (2 is a usage error, None success)
+    assert "error: --period 100 makes sequences of 201 tokens; gpt_demo reads 128." in err
     for name in DEMOS:
         main(["interpret", name, *small])
     report = tmp_path / "report"

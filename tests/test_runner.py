@@ -39,10 +39,10 @@ def test_bad_queue_is_refused_and_left_untouched(case, tmp_path, sample_data, ca
         )
     before = queue.read_bytes()
     for argv in (
-        ["run-next", "--queue", str(queue)],
-        ["run-all", "--queue", str(queue)],
-        ["run-specific", "a", "--queue", str(queue)],
-        ["reset", "a", "--queue", str(queue)],
+        ["run-next", "--queues", f"[{queue}]"],
+        ["run-all", "--queues", f"[{queue}]"],
+        ["run-specific", "a", "--queues", f"[{queue}]"],
+        ["reset", "a", "--queues", f"[{queue}]"],
         ["list", "--queues", f"[{queue}]"],
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -58,7 +58,7 @@ def test_unknown_model_lists_valid_names(tmp_path, sample_data, capsys):
     )
     before = queue.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        main(["run-specific", "nope", "--queue", str(queue)])
+        main(["run-specific", "nope", "--queues", f"[{queue}]"])
     assert exit_info.value.code == 1
     assert "Unknown experiment 'nope'. Valid names: a, b." in capsys.readouterr().err
     assert queue.read_bytes() == before
@@ -77,7 +77,7 @@ def test_unprepared_data_names_the_command(missing, tmp_path, sample_data, capsy
     queue = write_queue(tmp_path / "q.yaml", [e])
     before = queue.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        main(["run-next", "--queue", str(queue)])
+        main(["run-next", "--queues", f"[{queue}]"])
     assert exit_info.value.code == 1
     assert expected in capsys.readouterr().err
     assert queue.read_bytes() == before
@@ -104,12 +104,12 @@ def test_reset_puts_back_to_todo_and_keeps_checkpoints_unless_asked(tmp_path, sa
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"weights")
     write_run_file(ckpt.parent.parent, "a", queue)
-    main(["reset", "a", "--queue", str(queue)])
+    main(["reset", "a", "--queues", f"[{queue}]"])
     assert {k: v for k, v in status(queue, "a").items() if k in ("status", "exit_code", "error")} == {
         "status": "todo"
     }
     assert ckpt.is_file()
-    main(["reset", "a", "--queue", str(queue), "--delete_checkpoints", "true"])
+    main(["reset", "a", "--queues", f"[{queue}]", "--delete_checkpoints", "true"])
     assert not (tmp_path / "runs" / "a").exists()
 
 
@@ -119,7 +119,7 @@ def test_reset_deletes_only_a_run_folder(tmp_path, sample_data, capsys):
     )
     before = queue.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        main(["reset", "a", "--queue", str(queue), "--delete_checkpoints", "true"])
+        main(["reset", "a", "--queues", f"[{queue}]", "--delete_checkpoints", "true"])
     assert exit_info.value.code == 1 and "holds the current folder or the queue" in capsys.readouterr().err
     assert queue.read_bytes() == before  # and the folder, queue included, is still there
 
@@ -214,7 +214,7 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path, sample_data):
     newest = out / "step-00000008" / "lit_model.pth"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     truncated = newest.stat().st_size
-    main(["reset", "a", "--queue", str(queue)])
+    main(["reset", "a", "--queues", f"[{queue}]"])
     result = runner("run-next", queue, f"--args=--train.max_tokens={12 * TOKENS_PER_STEP}")
     assert result.returncode == 0, result.stdout[-3000:]
     assert "step-00000008 does not load (truncated or corrupt): resuming from step-00000004" in result.stdout

@@ -44,7 +44,7 @@ def test_without_sbatch_a_slurm_entry_is_refused_and_the_queue_kept(tmp_path, sa
         p for p in os.environ["PATH"].split(os.pathsep) if not shutil.which("sbatch", path=p)
     )
     result = subprocess.run(
-        cli("run-next", "--queue", str(queue)),
+        cli("run-next", "--queues", f"[{queue}]"),
         capture_output=True,
         text=True,
         env={**os.environ, "PATH": path},

@@ -12,6 +12,7 @@ from jsonargparse import ArgumentParser, capture_parser
 from litgpt import GPT, Config
 
 from tinystories_lab.errors import UserError
+from tinystories_lab.render import format_table
 
 CONFIG_HUB = Path("config_hub/pretrain/tiny_stories")
 
@@ -128,13 +129,6 @@ class ConfigSummary:
             parameters=count_parameters(config, cfg.train.tie_embeddings),
             tie_embeddings=bool(cfg.train.tie_embeddings),
         )
-
-
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    """A plain left-aligned text table."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = [header, ["-" * w for w in widths], *rows]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def configs(paths: list[Path] | None = None) -> None:

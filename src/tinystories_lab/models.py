@@ -12,8 +12,7 @@ from litgpt import GPT, Config, Tokenizer
 from tinystories_lab.data import TinyStories
 from tinystories_lab.data.tokenizer import load_tokenizer
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.listing import DEFAULT_QUEUES
-from tinystories_lab.experiments.queue import Queue, find
+from tinystories_lab.experiments.queue import find, load_entries, queue_files
 from tinystories_lab.experiments.runs import Checkpoint, final_checkpoint, out_dir_of
 
 FINETUNE_DIR = Path("experiments/finetune")
@@ -112,8 +111,8 @@ def training_data(trained: TrainedModel) -> TinyStories:
 def select_experiments(model: str | None = None, queues: list[Path] | None = None) -> list[dict]:
     """The entry called `model` in the queues (refusing unknown names), or every `done` entry (refusing
     none). Each entry is a copy that also records the queue file it came from (`queue`)."""
-    queues = [q for q in (queues or DEFAULT_QUEUES) if q.is_file() or queues]
-    entries = [{**e, "queue": Path(q)} for q in queues for e in Queue(q).load()]
+    queues = queue_files(queues)
+    entries = load_entries(queues)
     if model is not None:
         return [find(entries, model)]
     done = [e for e in entries if e["status"] == "done"]

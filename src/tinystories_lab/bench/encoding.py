@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from tinystories_lab.data.sources import load_split
-from tinystories_lab.data.tokenizer import cpu_count, load_tokenizer
+from tinystories_lab.data.tokenizer import load_tokenizer
 from tinystories_lab.data.tokens import write_split
+from tinystories_lab.hardware import cpu_count
 
 
 def bench_data(

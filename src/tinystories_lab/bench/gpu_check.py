@@ -25,7 +25,7 @@ from tinystories_lab.bench.precision import choose_precision
 from tinystories_lab.bench.training import (
     RESULTS_DIR,
     Setting,
-    child_env,
+    bench_env,
     device_name,
     flops_per_token,
     peak_flops,
@@ -34,6 +34,8 @@ from tinystories_lab.bench.training import (
 )
 from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
+from tinystories_lab.hardware import resolve_device
+from tinystories_lab.render import table
 
 MEMORY_TARGET_BYTES = 16e9  # the GPU every config's micro batch is sized for
 DATASHEET_BF16_TFLOPS = (  # dense bf16 tensor-core peaks from NVIDIA's datasheets, by device-name substring
@@ -97,7 +99,7 @@ def check_demo(precision: str, steps: int, data_dir: Path, device: str, compile:
         queue.write_text(yaml.safe_dump({"experiments": [entry]}, sort_keys=False))
         queues = f"[{queue}]"
         verbs = {
-            "train": ["run-specific", "gpt_demo", "--queue", str(queue)],
+            "train": ["run-specific", "gpt_demo", "--queues", queues],
             "eval": ["eval", "--model", "gpt_demo", "--queues", queues, "--device", device],
             "sample": ["sample", "--model", "gpt_demo", "--queues", queues, "--device", device],
             "interpret": ["interpret", "gpt_demo", "--queues", queues, "--device", device, "--windows", "16"],
@@ -107,7 +109,7 @@ def check_demo(precision: str, steps: int, data_dir: Path, device: str, compile:
             t0 = time.perf_counter()
             result = subprocess.run(
                 [sys.executable, "-m", "tinystories_lab.cli", *argv], capture_output=True, text=True,
-                env=child_env(compile, device),
+                env=bench_env(compile, device),
             )  # fmt: skip
             if result.returncode != 0:
                 output = f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
@@ -156,8 +158,7 @@ def gpu_check(
         out_dir: Where the results go.
     """
     start = time.perf_counter()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     if not (data_dir / "tokenizers" / "sample").is_dir():
@@ -210,17 +211,17 @@ def check_markdown(report: dict) -> str:
         f"TFLOP/s"
         + (f", datasheet {datasheet / 1e12:.0f} TFLOP/s." if datasheet else ", datasheet unknown."),
         "",
-        "| model | micro | steps | compiled | tokens/s | MFU (measured peak) | MFU (datasheet) | peak GiB | "
-        f"under {report['memory_target_gb']:.0f} GB |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for v in report["variants"]:
-        mfu = f"{v['mfu_datasheet_peak']:.1%}" if v["mfu_datasheet_peak"] is not None else "-"
-        lines.append(
-            f"| {v['model']} | {v['micro_batch_size']} | {v['steps']} | {'yes' if v['compile'] else 'no'} | "
-            f"{v['tokens_per_s']:,.0f} | {v['mfu_measured_peak']:.1%} | {mfu} | {v['peak_memory_gib']:.2f} | "
-            f"{'yes' if v['fits_memory_target'] else 'no'} |"
-        )
+    header = ["model", "micro", "steps", "compiled", "tokens/s", "MFU (measured peak)", "MFU (datasheet)",
+              "peak GiB", f"under {report['memory_target_gb']:.0f} GB"]  # fmt: skip
+    rows = [
+        [v["model"], v["micro_batch_size"], v["steps"], "yes" if v["compile"] else "no",
+         f"{v['tokens_per_s']:,.0f}", f"{v['mfu_measured_peak']:.1%}",
+         "-" if v["mfu_datasheet_peak"] is None else f"{v['mfu_datasheet_peak']:.1%}",
+         f"{v['peak_memory_gib']:.2f}", "yes" if v["fits_memory_target"] else "no"]
+        for v in report["variants"]
+    ]  # fmt: skip
+    lines.append(table(header, rows))
     d = report["demo"]
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in d["seconds"].items())
     lines += [

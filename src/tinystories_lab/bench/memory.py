@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from tinystories_lab.bench.training import Setting, resolve_config, run_project
-from tinystories_lab.configs import format_table, parse_config
+from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
+from tinystories_lab.hardware import resolve_device
+from tinystories_lab.render import format_table
 
 VARIANTS = [
     f"{arch}_{shape}" for shape in ("6L_6H_288D", "8L_8H_768D", "12L_8H_1024D") for arch in ("gpt", "llama")
@@ -81,6 +83,7 @@ def step_memory(
     compile: bool = True,
     device: str = "auto",
     data_dir: Path = Path("data"),
+    queues: list[Path] | None = None,
 ) -> list[dict]:
     """Peak memory of each config's real training step at its micro batch (or `micro_batch_size`).
 
@@ -93,12 +96,13 @@ def step_memory(
         compile: Compile the model, as training does.
         device: 'auto', 'cpu' or 'cuda'.
         data_dir: Data folder holding the sample's tokenizer and token files.
+        queues: Queue files to look experiment names up in (default: experiments.yaml and
+            experiments.demo.yaml).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     rows = []
     for model in models:
-        config = resolve_config(model)
+        config = resolve_config(model, queues)
         micro = micro_batch_size or parse_config(config).train.micro_batch_size
         peak = step_peak(config, micro, Setting(model).overrides(data_dir), device, compile)[
             "peak_memory_gib"

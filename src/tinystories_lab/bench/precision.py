@@ -7,6 +7,7 @@ import sys
 import torch
 
 from tinystories_lab.bench.training import peak_flops
+from tinystories_lab.hardware import resolve_device
 
 BF16_SPEEDUP = 2.0  # bf16 matmul / fp32 matmul rate above which bf16-mixed trains faster end to end
 
@@ -30,8 +31,7 @@ def precision(device: str = "auto") -> str:
     Args:
         device: 'auto', 'cpu' or 'cuda'.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     choice, why = choose_precision(torch.device(device))
     print(f"Training precision: {choice} ({why}).", file=sys.stderr)
     print(choice)

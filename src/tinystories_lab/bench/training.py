@@ -29,22 +29,20 @@ import torch
 
 from tinystories_lab.configs import count_parameters, model_config, parse_config
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.listing import DEFAULT_QUEUES
-from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.queue import find, load_entries
+from tinystories_lab.experiments.runs import metrics_files
+from tinystories_lab.hardware import cpu_count, resolve_device
+from tinystories_lab.render import table
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 RESULTS_DIR = Path("benchmarks/results")
 
 
-def resolve_config(model: str) -> Path:
+def resolve_config(model: str, queues: list[Path] | None = None) -> Path:
     """A config path from an experiment name (in the queues) or a path to a YAML file."""
     if Path(model).is_file():
         return Path(model)
-    entries = [e for q in DEFAULT_QUEUES if q.is_file() for e in Queue(q).load()]
-    for entry in entries:
-        if entry["name"] == model:
-            return Path(entry["config"])
-    raise UserError(f"Unknown model {model!r}. Valid names: {', '.join(e['name'] for e in entries)}.")
+    return Path(find(load_entries(queues), model)["config"])
 
 
 def device_name(device: torch.device) -> str:
@@ -57,7 +55,7 @@ def device_name(device: torch.device) -> str:
             if Path("/proc/cpuinfo").exists()
             else None
         )
-        name = f"cpu {len(os.sched_getaffinity(0))}core {model.group(1) if model else platform.processor()}"
+        name = f"cpu {cpu_count()}core {model.group(1) if model else platform.processor()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -111,13 +109,13 @@ def run_project(
         "--eval.final_validation=false",
     ]
     proc = subprocess.Popen(
-        cmd, env=child_env(compile, device, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, env=bench_env(compile, device, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
     if status != 0:
         raise RuntimeError(f"the project's training path failed:\n{output[-3000:]}")
-    with open(next(workdir.glob("logs/csv/version_*/metrics.csv")), newline="") as f:
+    with open(metrics_files(workdir)[0], newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("loss")]
     # `time` is the wall time since training started, logged after every optimizer step.
     times = [float(r["time"]) for r in rows]
@@ -139,13 +137,13 @@ def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compil
         config=str(config), overrides=overrides, steps=steps, warmup=warmup, compile=compile, device=device
     )
     cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=child_env(True, device))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(True, device))
     if result.returncode != 0:
         raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def child_env(compile: bool, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def bench_env(compile: bool, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a child (from `base`, default ours): LitGPT always compiles unless
     TORCH_COMPILE_DISABLE=1, and picks a GPU whenever it sees one, so a CPU benchmark hides them."""
     env = {k: v for k, v in (base or os.environ).items() if k != "TORCH_COMPILE_DISABLE"}
@@ -196,9 +194,10 @@ def bench_one(
     data_dir: Path,
     device: torch.device,
     peaks: dict[str, float],
+    queues: list[Path] | None = None,
 ) -> dict:
     """Both paths for one setting: tokens/s, their ratio, MFU, peak memory and the data wait."""
-    config = resolve_config(setting.model)
+    config = resolve_config(setting.model, queues)
     if not (data_dir / "tokenizers" / "sample").is_dir():
         raise UserError(
             f"No sample data in {data_dir}: benchmarks train on the sample; run `make data-sample`."
@@ -243,12 +242,12 @@ def run_benchmarks(
     device: str,
     out_dir: Path,
     name: str,
+    queues: list[Path] | None = None,
 ) -> dict:
     """Measure the device's peaks, then every setting; write <device>-<date>-<name>.json and .md."""
     if steps < 1 or warmup < 1:
         raise UserError("Benchmarks need steps >= 1 and warmup >= 1 (the first step's time includes setup).")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     dev = torch.device(device)
     peaks = {"fp32": peak_flops(dev, torch.float32), "bf16": peak_flops(dev, torch.bfloat16)}
     fp32, bf16 = peaks["fp32"] / 1e9, peaks["bf16"] / 1e9
@@ -256,7 +255,7 @@ def run_benchmarks(
     results = []
     for setting in settings:
         print(f"Benchmarking {setting}")
-        results.append(bench_one(setting, steps, warmup, repeats, data_dir, dev, peaks))
+        results.append(bench_one(setting, steps, warmup, repeats, data_dir, dev, peaks, queues))
     report = {
         "name": name,
         "device": device_name(dev),
@@ -271,14 +270,14 @@ def run_benchmarks(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{report['device']}-{report['date']}-{name}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = results_table(report)
-    (out_dir / f"{stem}.md").write_text(table + "\n")
-    print(table)
+    page = bench_page(report)
+    (out_dir / f"{stem}.md").write_text(page + "\n")
+    print(page)
     print(f"Results: {out_dir / stem}.json and .md")
     return report
 
 
-def results_table(report: dict) -> str:
+def bench_page(report: dict) -> str:
     """The report as Markdown: one row per setting."""
     header = [
         "model",
@@ -294,24 +293,25 @@ def results_table(report: dict) -> str:
         "data wait",
         "loss first -> last",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in report["results"]:
         p, b = r["project"], r["bare"]
-        cells = [
-            r["model"],
-            r["precision"],
-            r["micro_batch_size"],
-            "yes" if r["compile"] else "no",
-            f"{p['tokens_per_s']:,.0f}",
-            f"{b['tokens_per_s']:,.0f}",
-            f"{r['ratio_project_over_bare']:.3f}",
-            f"{p['mfu']:.1%}",
-            f"{b['mfu']:.1%}",
-            f"{p['peak_memory_gib']:.2f} / {b['peak_memory_gib']:.2f}",
-            f"{r['data_wait_share']:.2%}",
-            f"{p['losses'][0]:.3f} -> {p['losses'][-1]:.3f}",
-        ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        rows.append(
+            [
+                r["model"],
+                r["precision"],
+                r["micro_batch_size"],
+                "yes" if r["compile"] else "no",
+                f"{p['tokens_per_s']:,.0f}",
+                f"{b['tokens_per_s']:,.0f}",
+                f"{r['ratio_project_over_bare']:.3f}",
+                f"{p['mfu']:.1%}",
+                f"{b['mfu']:.1%}",
+                f"{p['peak_memory_gib']:.2f} / {b['peak_memory_gib']:.2f}",
+                f"{r['data_wait_share']:.2%}",
+                f"{p['losses'][0]:.3f} -> {p['losses'][-1]:.3f}",
+            ]
+        )
     peaks = report["peak_flops"]
     caption = (
         f"Device: {report['device']}, torch {report['torch']}, {report['date']}. Matmul peak "
@@ -319,7 +319,7 @@ def results_table(report: dict) -> str:
         f"Tokens/s from the median step time of {report['steps']} steps after {report['warmup']} warm-up "
         f"steps; each path run {report['repeats']} time(s), alternated, the median run shown."
     )
-    return "\n".join([caption, "", *lines])
+    return "\n".join([caption, "", table(header, rows)])
 
 
 def bench(
@@ -335,6 +335,7 @@ def bench(
     device: str = "auto",
     out_dir: Path = RESULTS_DIR,
     name: str = "bench",
+    queues: list[Path] | None = None,
 ) -> dict:
     """Tokens/s of the project's training path (LitGPT's loop as the runner starts it) and of a bare loop,
     their ratio, MFU, peak memory and the share of step time spent waiting for data; written to
@@ -353,9 +354,11 @@ def bench(
         device: 'auto', 'cpu' or 'cuda'.
         out_dir: Where the results go.
         name: Names the result files, e.g. "demo" or "6L".
+        queues: Queue files to look experiment names up in (default: experiments.yaml and
+            experiments.demo.yaml).
     """
     settings = [Setting(m, precision, micro_batch_size, global_batch_size, compile) for m in model.split(",")]
-    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name)
+    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name, queues)
 
 
 def bench_sweep(
@@ -369,6 +372,7 @@ def bench_sweep(
     device: str = "auto",
     out_dir: Path = RESULTS_DIR,
     name: str = "sweep",
+    queues: list[Path] | None = None,
 ) -> dict:
     """Every precision x micro batch (global batch = micro batch), per variant; both paths each time.
 
@@ -383,6 +387,8 @@ def bench_sweep(
         device: 'auto', 'cpu' or 'cuda'.
         out_dir: Where the results go.
         name: Names the result files: <device>-<date>-<name>.json and .md.
+        queues: Queue files to look experiment names up in (default: experiments.yaml and
+            experiments.demo.yaml).
     """
     settings = [Setting(m, p, mb) for m in model.split(",") for mb in micro_batch_sizes for p in precisions]
-    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name)
+    return run_benchmarks(settings, steps, warmup, repeats, data_dir, device, out_dir, name, queues)

@@ -105,15 +105,24 @@ def load_split(
 
 def download_split(split: str, cache_dir: Path) -> list[str]:
     """One split of TinyStories from the Hugging Face Hub (cached; `datasets` shows progress)."""
+    offline = (
+        "Without a network, train on the bundled sample (`make data-sample`) or on local text files "
+        "(`tinystories-lab data --source path/to/folder`)."
+    )
+    ds = hub_dataset(HF_DATASET, split, cache_dir, offline)
+    return [s.strip() for s in ds["text"] if s and s.strip()]
+
+
+def hub_dataset(name: str, split: str, cache_dir: Path, offline: str):
+    """One split of a Hugging Face Hub dataset (cached), or a one-line UserError that ends with `offline`,
+    the advice for a machine without a network."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(HF_DATASET, split=split, cache_dir=str(cache_dir))
+        return datasets.load_dataset(name, split=split, cache_dir=str(cache_dir))
     except Exception as e:  # datasets raises many types for a missing network; all mean the same here
         reason = str(e).splitlines()[0].rstrip(".") if str(e) else ""
         raise UserError(
-            f"Could not download {HF_DATASET} ({split}) from the Hugging Face Hub; is the network up? "
-            f"({type(e).__name__}: {reason}). Without a network, train on the bundled sample "
-            "(`make data-sample`) or on local text files (`tinystories-lab data --source path/to/folder`)."
+            f"Could not download {name} ({split}) from the Hugging Face Hub; is the network up? "
+            f"({type(e).__name__}: {reason}). {offline}"
         ) from None
-    return [s.strip() for s in ds["text"] if s and s.strip()]

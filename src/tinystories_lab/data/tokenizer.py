@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -16,6 +15,7 @@ from litgpt import Tokenizer
 
 from tinystories_lab.data.sources import data_command
 from tinystories_lab.errors import UserError
+from tinystories_lab.hardware import cpu_count
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -179,8 +179,3 @@ def write_config_files(folder: Path) -> None:
     generation_config = {"bos_token_id": 1, "eos_token_id": 2}
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
-
-
-def cpu_count() -> int:
-    """CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -12,8 +12,9 @@ import numpy as np
 from litgpt import Tokenizer
 from tqdm import tqdm
 
-from tinystories_lab.data.tokenizer import cpu_count, fingerprint
+from tinystories_lab.data.tokenizer import fingerprint
 from tinystories_lab.errors import UserError
+from tinystories_lab.hardware import cpu_count
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinystories_lab.configs import architecture, count_parameters, format_table
+from tinystories_lab.configs import architecture, count_parameters
 from tinystories_lab.data.sources import Separator, read_text_file
 from tinystories_lab.data.tokens import encode_stories, stories_fingerprint
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.runs import Checkpoint, read_curves
+from tinystories_lab.experiments.runs import Checkpoint, metrics_files, read_curves, world_size
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints, training_data
+from tinystories_lab.render import format_table
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
 
@@ -75,7 +77,7 @@ def text_tokens(
     return tokens, sum(len(s.encode()) for s in stories), stories
 
 
-def validation_tokens(trained: TrainedModel) -> tuple[np.ndarray, int, str, dict]:
+def validation_split(trained: TrainedModel) -> tuple[np.ndarray, int, str, dict]:
     """The run's own validation split (checked against its tokenizer), its byte count, a description,
     and what meta.json says about its stories (their hash, how many also occur in the training split)."""
     data = training_data(trained)
@@ -98,9 +100,8 @@ def validation_text(source: str) -> str:
 def training_summary(out_dir: Path, hparams: dict, thresholds: list[float]) -> dict:
     """Throughput, training-loop time and convergence speed from the run's CSV metrics."""
     rates, wall = [], 0.0
-    devices = hparams.get("devices", 1)
-    world = (devices if isinstance(devices, int) else 1) * hparams.get("num_nodes", 1)
-    for path in sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv")):
+    world = world_size(hparams)
+    for path in metrics_files(out_dir):
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("time")]
         rates += [float(r["device/items_per_sec"]) * world for r in rows if r.get("device/items_per_sec")]
@@ -126,7 +127,7 @@ def evaluate_run(
     """Evaluate one checkpoint on its validation split (or a text file) and summarise its training run."""
     trained = load_trained(checkpoint_dir)
     if text is None:
-        tokens, n_bytes, described, about = validation_tokens(trained)
+        tokens, n_bytes, described, about = validation_split(trained)
     else:
         tokens, n_bytes, stories = text_tokens(trained, text, separator)
         described = str(text)
@@ -164,7 +165,7 @@ def evaluate(
     separator: Separator | None = None,
     queues: list[Path] | None = None,
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> list[dict]:
     """Evaluate finished experiments on their final checkpoint; write eval.json next to each run.
 
@@ -182,8 +183,9 @@ def evaluate(
             holds <|endoftext|> lines, else 'blank').
         queues: Queue files to look in (default: experiments.yaml and experiments.demo.yaml).
         batch_size: Windows per forward pass.
-        device: 'cpu' or 'cuda'.
+        device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
     """
+    device = resolve_device(device)
     from tinystories_lab.finetune.evaluate import evaluate_finetune
     from tinystories_lab.finetune.run import is_finetune
 

@@ -15,12 +15,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tinystories_lab.configs import format_table
 from tinystories_lab.data.sources import Separator, load_split, read_text_file, source_name
 from tinystories_lab.data.tokens import stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import validation_text, window_loss
 from tinystories_lab.export.hf import BOUNDARY_KEY
+from tinystories_lab.hardware import resolve_device
+from tinystories_lab.render import format_table
 
 REFERENCE_DIR = Path("experiments/reference")
 Boundary = Literal["auto", "bos", "eos", "bos_eos"]
@@ -76,17 +77,6 @@ REFERENCES = [
     Reference("Xenova/llama2.c-stories42M", LLAMA2C_STORIES42M_REVISION, 1024, "bos"),
     Reference("Xenova/llama2.c-stories110M", LLAMA2C_STORIES110M_REVISION, 1024, "bos"),
 ]
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"Unknown device {device!r}: use auto, cpu or cuda.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no GPU here; use --device cpu or auto.")
-    return device
 
 
 def load_stories(

@@ -7,15 +7,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt  # falls back to the Agg backend without a display
 import yaml
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
 from tinystories_lab.evaluate.reference import REFERENCE_DIR
-from tinystories_lab.experiments.listing import DEFAULT_QUEUES
-from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.queue import load_entries, queue_files
 from tinystories_lab.experiments.runs import Point, final_checkpoint, is_current, out_dir_of, read_curves
+from tinystories_lab.render import plt, save, table
 
 REPORT_DIR = Path("experiments/report")
 ANCHORS = Path(__file__).with_name("anchors.yaml")
@@ -70,25 +69,24 @@ class Run:
 def load_runs(queues: list[Path]) -> list[Run]:
     """Every entry of the queues, with whatever its run folder holds."""
     runs = []
-    for queue in queues:
-        for entry in Queue(queue).load():
-            cfg = parse_config(entry["config"], *entry.get("args", []))
-            config = model_config(cfg)
-            out_dir = out_dir_of(entry)
-            train, val = read_curves(out_dir)
-            run = Run(
-                entry=entry,
-                arch=architecture(config),
-                size=f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
-                parameters=count_parameters(config, cfg.train.tie_embeddings),
-                out_dir=out_dir,
-                train=train,
-                val=val,
-            )
-            for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
-                if is_current(out_dir / name, out_dir):  # not from before the run was extended
-                    setattr(run, attr, json.loads((out_dir / name).read_text()))
-            runs.append(run)
+    for entry in load_entries(queues):
+        cfg = parse_config(entry["config"], *entry.get("args", []))
+        config = model_config(cfg)
+        out_dir = out_dir_of(entry)
+        train, val = read_curves(out_dir)
+        run = Run(
+            entry=entry,
+            arch=architecture(config),
+            size=f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
+            parameters=count_parameters(config, cfg.train.tie_embeddings),
+            out_dir=out_dir,
+            train=train,
+            val=val,
+        )
+        for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
+            if is_current(out_dir / name, out_dir):  # not from before the run was extended
+                setattr(run, attr, json.loads((out_dir / name).read_text()))
+        runs.append(run)
     return runs
 
 
@@ -129,7 +127,7 @@ def plot_curves(ax, run: Run, label: str | None = None) -> None:
 
 def figure_loss_curves(runs: list[Run], path: Path) -> None:
     """All runs overlaid: training loss (smoothed, faint) and validation loss (markers) against tokens."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 5), layout="tight")
     for i, run in enumerate(r for r in runs if r.train):
         color = plt.cm.tab10(i % 10)
         ax.plot(
@@ -146,29 +144,25 @@ def figure_loss_curves(runs: list[Run], path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120, crop=False)
 
 
 def figure_gpt_vs_llama(pairs: dict[str, dict[str, Run]], path: Path) -> None:
     """One panel per size: the GPT and LLaMA runs of that shape."""
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False, layout="tight")
     for ax, (size, pair) in zip(axes[0], pairs.items()):
         for arch, run in sorted(pair.items()):
             plot_curves(ax, run, f"{arch}: {run.name}")
         ax.set(title=size, xlabel="training tokens", ylabel="loss (nats/token)", xscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120, crop=False)
 
 
 def figure_scaling(evaluated: list[Run], anchors: list[dict], references: list[dict], path: Path) -> None:
     """Final validation loss, perplexity and bits per byte against true parameters; the bits-per-byte
     panel adds the published models measured on the same stories, and quoted numbers for the others."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="tight")
     for ax, key, label in zip(
         axes,
         ("loss", "perplexity", "bits_per_byte"),
@@ -216,15 +210,13 @@ def figure_scaling(evaluated: list[Run], anchors: list[dict], references: list[d
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120, crop=False)
 
 
 def figure_throughput(evaluated: list[Run], path: Path) -> None:
     """Training throughput of each run, as logged."""
     runs = [r for r in evaluated if r.eval.get("train_tokens_per_s")]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(runs)), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(runs)), 4), layout="tight")
     ax.bar(
         [r.name for r in runs],
         [r.eval["train_tokens_per_s"] for r in runs],
@@ -232,9 +224,7 @@ def figure_throughput(evaluated: list[Run], path: Path) -> None:
     )
     ax.set(ylabel="training tokens/s (median, all devices)", title="Training throughput")
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120, crop=False)
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -260,7 +250,7 @@ def results_table(evaluated: list[Run], thresholds: list[str], references: list[
         "train tok/s",
         "train time",
     ] + [f"tokens to {t}" for t in thresholds]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in evaluated:
         e = r.eval
         wall = e.get("train_wall_time_s")
@@ -275,14 +265,14 @@ def results_table(evaluated: list[Run], thresholds: list[str], references: list[
             fmt(e["bits_per_byte"]),
             fmt(e.get("train_tokens_per_s"), ",.0f"),
             "-" if wall is None else f"{wall / 60:.1f} min",
-        ] + [fmt(e["tokens_to_val_loss"].get(t), ",") for t in thresholds]
-        lines.append("| " + " | ".join(cells) + " |")
+        ]
+        rows.append(cells + [fmt(e["tokens_to_val_loss"].get(t), ",") for t in thresholds])
     for r in references:
         name, params = f"`{r['model']}` *reference*", f"{r['parameters'] / 1e6:.2f}M"
         cells = [name, r["model_type"], r["size"], params, "-", fmt(r["loss"]), fmt(r["perplexity"], ".2f"),
                  fmt(r["bits_per_byte"]), "-", "-"]  # fmt: skip
-        lines.append("| " + " | ".join(cells + ["-"] * len(thresholds)) + " |")
-    return lines
+        rows.append(cells + ["-"] * len(thresholds))
+    return [table(header, rows)]
 
 
 def samples_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
@@ -292,11 +282,11 @@ def samples_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
         if not all(r.samples for r in pair.values()) or len(pair) < 2:
             continue
         gpt, llama = pair["gpt"], pair["llama"]
-        lines += [f"#### {size}", "", f"| prompt | `{gpt.name}` | `{llama.name}` |", "|---|---|---|"]
-        for a, b in zip(gpt.samples["samples"], llama.samples["samples"]):
-            cells = [repr(a["prompt"]) + f" (seed {a['seed']})", _cell(a), _cell(b)]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        rows = [
+            [repr(a["prompt"]) + f" (seed {a['seed']})", _cell(a), _cell(b)]
+            for a, b in zip(gpt.samples["samples"], llama.samples["samples"])
+        ]
+        lines += [f"#### {size}", "", table(["prompt", f"`{gpt.name}`", f"`{llama.name}`"], rows), ""]
     return lines
 
 
@@ -310,12 +300,13 @@ def anchors_section(anchors: dict, references: list[dict] = ()) -> list[str]:
     on the same stories are left out (their measured rows are in the results table)."""
     header = ["model", "shape", "tokenizer", "eval set", "tokens trained", "val loss, quoted",
               "~bits/byte, quoted", "source"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     quoted = unmeasured(anchors["validation_loss"], references)
-    for a in quoted:
-        cells = [a["model"], a["shape"], a["tokenizer"], a["eval_set"], a["tokens_trained"], a["loss"],
-                 a.get("approx_bits_per_byte", "-"), a["source"]]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    rows = [
+        [a["model"], a["shape"], a["tokenizer"], a["eval_set"], a["tokens_trained"], a["loss"],
+         a.get("approx_bits_per_byte", "-"), a["source"]]
+        for a in quoted
+    ]  # fmt: skip
+    lines = [table(header, rows)]
     dropped = [a["model"] for a in anchors["validation_loss"] if a not in quoted]
     if dropped:
         lines += ["", f"Measured here on the same stories, so not quoted: {', '.join(dropped)}."]
@@ -344,7 +335,7 @@ def figure_link(stem: str, figures: dict[str, str]) -> str:
 
 def pending_section(pending: list[Run]) -> list[str]:
     """Runs left out of the comparison, and why."""
-    lines = ["### Not in the comparison", "", "| run | status | why |", "|---|---|---|"]
+    rows = []
     for r in pending:
         if not r.train:
             why = "not trained yet"
@@ -352,24 +343,23 @@ def pending_section(pending: list[Run]) -> list[str]:
             why = "unfinished"
         else:
             why = "not evaluated (since its final checkpoint): `make eval`"
-        lines.append(f"| `{r.name}` | {r.entry['status']} | {why} |")
-    return lines + [""]
+        rows.append([f"`{r.name}`", r.entry["status"], why])
+    return ["### Not in the comparison", "", table(["run", "status", "why"], rows), ""]
 
 
 def pairs_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
     """GPT against LLaMA at each size, in numbers."""
-    lines = [
-        "| size | GPT | LLaMA | params GPT / LLaMA | val loss GPT / LLaMA | bits/byte GPT / LLaMA |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["size", "GPT", "LLaMA", "params GPT / LLaMA", "val loss GPT / LLaMA", "bits/byte GPT / LLaMA"]
+    rows = []
     for size, pair in pairs.items():
         g, ll = pair["gpt"], pair["llama"]
-        lines.append(
-            f"| {size} | `{g.name}` | `{ll.name}` | {g.parameters / 1e6:.2f}M / {ll.parameters / 1e6:.2f}M "
-            f"| {g.eval['loss']:.3f} / {ll.eval['loss']:.3f} "
-            f"| {g.eval['bits_per_byte']:.3f} / {ll.eval['bits_per_byte']:.3f} |"
-        )
-    return lines + [
+        rows.append([
+            size, f"`{g.name}`", f"`{ll.name}`", f"{g.parameters / 1e6:.2f}M / {ll.parameters / 1e6:.2f}M",
+            f"{g.eval['loss']:.3f} / {ll.eval['loss']:.3f}",
+            f"{g.eval['bits_per_byte']:.3f} / {ll.eval['bits_per_byte']:.3f}",
+        ])  # fmt: skip
+    return [
+        table(header, rows),
         "",
         "Same shapes; the LLaMA variants have more parameters (SwiGLU's third MLP matrix).",
         "",
@@ -392,30 +382,31 @@ def speculative_section(pairs: list[tuple[Run, Run]], folder: Path) -> list[str]
     """Each pair's measured speed-up, from `make speculative`'s files (decoding is never run here)."""
     header = ["draft -> target", "params", "k", "acceptance", "tokens / target pass",
               "tok/s speculative / alone", "speed-up"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for d, t in pairs:
         path = folder / f"{d.name}-{t.name}.json"
         name = f"`{d.name}` -> `{t.name}`"
         params = f"{d.parameters / 1e6:.2f}M / {t.parameters / 1e6:.2f}M"
         if not (is_current(path, d.out_dir) and is_current(path, t.out_dir)):
             why = "measured before a run was extended" if path.is_file() else "not measured"
-            lines.append(
-                f"| {name} | {params} | | {why}: `make speculative DRAFT={d.name} TARGET={t.name}` | | | |"
+            rows.append(
+                [name, params, "", f"{why}: `make speculative DRAFT={d.name} TARGET={t.name}`", "", "", ""]
             )
             continue
         r = json.loads(path.read_text())
         o = r["overall"]
-        lines.append(
-            f"| [{name}](speculative/{path.stem}.md) | {params} | {r['k']} | {o['acceptance_rate']:.3f} | "
-            f"{o['tokens_per_target_pass']:.2f} | {o['speculative_tokens_per_s']:,.1f} / "
-            f"{o['target_tokens_per_s']:,.1f} | **{o['speed_up']:.2f}x** |"
-        )
-    return lines + [
+        rows.append([
+            f"[{name}](speculative/{path.stem}.md)", params, r["k"], f"{o['acceptance_rate']:.3f}",
+            f"{o['tokens_per_target_pass']:.2f}", f"{o['speculative_tokens_per_s']:,.1f} / "
+            f"{o['target_tokens_per_s']:,.1f}", f"**{o['speed_up']:.2f}x**",
+        ])  # fmt: skip
+    return [
+        table(header, rows),
         "",
         "Greedy decoding on the fixed prompts of `make sample`; the output equals the target's own. "
         "Speed-up: tokens/s with the draft over the target decoding alone, on the device each file names "
-        "(CPU unless `DEVICE=cuda`). A draft pays off only when it is much cheaper than the target and "
-        "often agrees with it.",
+        "(the GPU when one is visible, unless `DEVICE=cpu`). A draft pays off only when it is much cheaper "
+        "than the target and often agrees with it.",
         "",
     ]
 
@@ -444,7 +435,7 @@ def report(
         reference_dir: Measured results of published models (`make eval-reference`, `make eval-hf`);
             those on the runs' stories join the results table and the scaling figure.
     """
-    queues = queues or [q for q in DEFAULT_QUEUES if q.is_file()]
+    queues = queue_files(queues)
     runs = load_runs(queues)
     out_dir.mkdir(parents=True, exist_ok=True)
     anchors = yaml.safe_load(ANCHORS.read_text())

@@ -10,6 +10,7 @@ from litgpt.generate.base import generate
 from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
 
 from tinystories_lab.errors import UserError
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints
 
 PROMPTS = [
@@ -90,7 +91,7 @@ def sample(
     temperature: float = 0.8,
     top_k: int | None = 50,
     queues: list[Path] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> list[dict]:
     """Generate stories from finished experiments; write samples.md and samples.json next to each run.
 
@@ -104,8 +105,9 @@ def sample(
         temperature: Sampling temperature.
         top_k: Sample among the k most likely tokens.
         queues: Queue files to look in (default: experiments.yaml and experiments.demo.yaml).
-        device: 'cpu' or 'cuda'.
+        device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
     """
+    device = resolve_device(device)
     results = []
     for name, checkpoint_dir in select_checkpoints(model, queues):
         trained = load_trained(checkpoint_dir, device=device)

@@ -22,12 +22,13 @@ from litgpt.generate.base import generate as generate_alone
 from litgpt.generate.speculative_decoding import next_token, speculative_decoding
 from tqdm import tqdm
 
-from tinystories_lab.configs import architecture, count_parameters, format_table
+from tinystories_lab.configs import architecture, count_parameters
 from tinystories_lab.data.tokenizer import fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.samples import PROMPTS
-from tinystories_lab.interpret.markdown import escape, table
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import TrainedModel, load_trained, select_checkpoints
+from tinystories_lab.render import escape, format_table, table
 
 SPECULATIVE_DIR = Path("experiments/report/speculative")
 SEED = 1234
@@ -208,7 +209,7 @@ def speculative(
     temperature: float = 0.0,
     top_k: int | None = 1,
     queues: list[Path] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     out_dir: Path = SPECULATIVE_DIR,
 ) -> dict:
     """Speculative decoding with LitGPT: `draft` proposes k tokens, `target` checks them in one pass.
@@ -218,8 +219,8 @@ def speculative(
     equals the target's own. Writes experiments/report/speculative/<draft>-<target>.json and .md.
 
     Args:
-        draft: The smaller model: an experiment's name, or a checkpoint folder (a run or a fine-tune).
-        target: The larger model, likewise. Both must share a tokenizer.
+        draft: The smaller run: an experiment's name, or a checkpoint folder (a run or a fine-tune).
+        target: The larger run, likewise. Both must share a tokenizer.
         k: Draft tokens per round.
         max_new_tokens: New tokens per prompt at most (fewer at EOS or at the smaller context length).
         prompts: Prompts to continue (default: the five fixed prompts of `make sample`).
@@ -228,11 +229,12 @@ def speculative(
         temperature: 0 for greedy decoding (the output is then exactly the target's own); above 0 samples.
         top_k: Sample among the k most likely tokens; greedy decoding needs 1 (see docs/speculative.md).
         queues: Queue files to look names up in (default: experiments.yaml and experiments.demo.yaml).
-        device: 'cpu' or 'cuda'.
+        device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
         out_dir: Where the .json and .md go.
     """
     if k < 1:
         raise UserError(f"k must be at least 1, not {k}.")
+    device = resolve_device(device)
     (draft_name, draft_dir), (target_name, target_dir) = (
         select_checkpoints(m, queues)[0] for m in (draft, target)
     )

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tinystories_lab.configs import architecture, count_parameters, format_table, model_config, parse_config
-from tinystories_lab.errors import UserError
+from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
 from tinystories_lab.experiments import slurm
-from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.queue import Queue, queue_files
 from tinystories_lab.experiments.runs import last_val_loss, newest_loadable, out_dir_of
-
-DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]
+from tinystories_lab.render import format_table
 
 
 def experiment_row(entry: dict) -> list[str]:
@@ -56,18 +54,10 @@ def list_experiments(queues: list[Path] | None = None) -> None:
     Args:
         queues: Queue files to show (default: experiments.yaml and experiments.demo.yaml).
     """
-    queues = queues or DEFAULT_QUEUES
     header = ["name", "arch", "size", "params", "status", "progress (tokens)", "val loss"]
-    shown = 0
-    for path in queues:
-        if not path.is_file() and queues is DEFAULT_QUEUES:
-            continue
-        entries = Queue(path).load()
+    for path in queue_files(queues):
         print(f"{path}:")
-        print(format_table([experiment_row(e) for e in entries], header) + "\n")
-        shown += 1
-    if not shown:
-        raise UserError("No queue file found (experiments.yaml or experiments.demo.yaml).")
+        print(format_table([experiment_row(e) for e in Queue(path).load()], header) + "\n")
 
 
 def _tokens(n: int | None) -> str:

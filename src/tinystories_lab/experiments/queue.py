@@ -35,6 +35,8 @@ RUN_RECORD = (  # what the runner records of a run: cleared when a new run start
     "cuda_visible_devices",
 )  # fmt: skip
 RUNNER_FIELDS = (*RUN_RECORD, "attempts", "run_args", "run_logger")
+DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]  # what read-only verbs look in
+RUN_QUEUES = [Path("experiments.yaml")]  # what the run verbs take experiments from (they write status back)
 
 _yaml = YAML()  # round-trip mode
 _yaml.indent(mapping=2, sequence=4, offset=2)
@@ -155,6 +157,30 @@ def _validate_fields(entry: dict, where: str, check_configs: bool) -> None:
                 raise UserError(f"{where}: unknown slurm field {key!r}; use {', '.join(SLURM_FIELDS)}.")
             if type(value) is not kind and not (kind is str and type(value) is int):
                 raise UserError(f"{where}: slurm.{key} must be a {kind.__name__}, not {value!r}.")
+
+
+def queue_files(queues: list[Path] | None = None) -> list[Path]:
+    """`queues`, or else those of DEFAULT_QUEUES that exist (refusing when none does)."""
+    if queues:
+        return [Path(q) for q in queues]
+    found = [q for q in DEFAULT_QUEUES if q.is_file()]
+    if not found:
+        raise UserError(
+            f"No queue file found ({' or '.join(map(str, DEFAULT_QUEUES))}); name one with --queues '[FILE]' "
+            "(make: QUEUE=FILE)."
+        )
+    return found
+
+
+def load_entries(queues: list[Path] | None = None) -> list[dict]:
+    """The entries of the queue files (default: `queue_files()`), in file order; each a copy that also
+    records the file it came from (`queue`)."""
+    return [{**e, "queue": q} for q in queue_files(queues) for e in Queue(q).load()]
+
+
+def queue_of(name: str, queues: list[Path]) -> Queue:
+    """The (first) queue file holding experiment `name`, or a UserError listing the valid names."""
+    return Queue(find(load_entries(queues), name)["queue"])
 
 
 def find(entries: list[dict], name: str) -> dict:

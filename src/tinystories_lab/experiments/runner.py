@@ -24,7 +24,15 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import slurm
 from tinystories_lab.experiments.gpus import claim_gpus
 from tinystories_lab.experiments.locks import Lock, RunLock, run_is_alive
-from tinystories_lab.experiments.queue import RUN_RECORD, RUNNER_FIELDS, Queue, find
+from tinystories_lab.experiments.queue import (
+    RUN_QUEUES,
+    RUN_RECORD,
+    RUNNER_FIELDS,
+    Queue,
+    find,
+    load_entries,
+    queue_of,
+)
 from tinystories_lab.experiments.runs import (
     final_checkpoint,
     newest_loadable,
@@ -432,7 +440,7 @@ def _finish(queue: Queue, name: str, status: str, **fields) -> None:
 
 
 def run_next(
-    queue: Path = Path("experiments.yaml"),
+    queues: list[Path] | None = None,
     args: str = "",
     logger: Logger | None = None,
     include_optional: bool = False,
@@ -443,7 +451,8 @@ def run_next(
     """Run the next runnable experiment: the first `todo` one, or a `running` one whose runner died.
 
     Args:
-        queue: The queue file.
+        queues: Queue files, in order: the next experiment is taken from the first that has one (default:
+            experiments.yaml).
         args: Extra `litgpt pretrain` arguments, e.g. "--train.max_tokens=1000000".
         logger: Logger to use instead of the config's: csv, tensorboard or wandb (offline without an account).
         include_optional: Also consider entries marked `optional: true` (the baselines).
@@ -452,17 +461,20 @@ def run_next(
         micro_batch_size: 'auto': the largest micro batch whose real step fits this GPU (on a CPU, 16),
             recorded with the run's arguments; the global batch, hence the training, stays the same.
     """
-    q = Queue(queue)
-    outcome = _run_one(q, None, args, logger, include_optional, restart, wait, micro_batch_size)
+    queues = queues or RUN_QUEUES
+    for path in queues:
+        outcome = _run_one(Queue(path), None, args, logger, include_optional, restart, wait, micro_batch_size)
+        if outcome is not None:
+            break
     if outcome is None:
-        print(f"Nothing to run in {queue}.{_failed_hint(q)}")
+        print(f"Nothing to run in {_names(queues)}.{_failed_hint(queues)}")
     elif outcome.code:
         sys.exit(outcome.code)
 
 
 def run_specific(
     model: str,
-    queue: Path = Path("experiments.yaml"),
+    queues: list[Path] | None = None,
     args: str = "",
     logger: Logger | None = None,
     restart: bool = False,
@@ -472,8 +484,8 @@ def run_specific(
     """Run (or resume) one experiment by name, optional ones included.
 
     Args:
-        model: The experiment's name in the queue.
-        queue: The queue file.
+        model: The experiment's name in the queues.
+        queues: Queue files, searched in order (default: experiments.yaml).
         args: Extra `litgpt pretrain` arguments, e.g. "--train.max_tokens=1000000".
         logger: Logger to use instead of the config's: csv, tensorboard or wandb.
         restart: Train from zero, deleting the experiment's checkpoints first (also for a done one).
@@ -481,13 +493,14 @@ def run_specific(
         micro_batch_size: 'auto': the largest micro batch whose real step fits this GPU (on a CPU, 16),
             recorded with the run's arguments; the global batch, hence the training, stays the same.
     """
-    outcome = _run_one(Queue(queue), model, args, logger, True, restart, wait, micro_batch_size)
+    queue = queue_of(model, queues or RUN_QUEUES)
+    outcome = _run_one(queue, model, args, logger, True, restart, wait, micro_batch_size)
     if outcome.code:
         sys.exit(outcome.code)
 
 
 def run_all(
-    queue: Path = Path("experiments.yaml"),
+    queues: list[Path] | None = None,
     args: str = "",
     logger: Logger | None = None,
     include_optional: bool = False,
@@ -499,39 +512,48 @@ def run_all(
     SLURM experiments are submitted one job each and not waited for, unless `wait`.
 
     Args:
-        queue: The queue file.
+        queues: Queue files, run one after the other in order (default: experiments.yaml).
         args: Extra `litgpt pretrain` arguments for every run.
         logger: Logger to use instead of the configs': csv, tensorboard or wandb.
         include_optional: Also run entries marked `optional: true` (the baselines).
         wait: Block until every submitted SLURM job has ended.
         micro_batch_size: 'auto': for each run, the largest micro batch whose real step fits this GPU.
     """
-    q = Queue(queue)
+    queues = queues or RUN_QUEUES
     outcomes: list[Outcome] = []
     try:
-        while (
-            outcome := _run_one(q, None, args, logger, include_optional, micro=micro_batch_size)
-        ) is not None:
-            outcomes.append(outcome)
-            if outcome.status == "stopped":
+        for q in map(Queue, queues):
+            while (
+                outcome := _run_one(q, None, args, logger, include_optional, micro=micro_batch_size)
+            ) is not None:
+                outcomes.append(outcome)
+                if outcome.status == "stopped":
+                    break
+            if outcomes and outcomes[-1].status == "stopped":
                 break
     except UserError:  # the next entry cannot start: say what ran before the refusal
-        _print_outcomes(queue, outcomes)
+        _print_outcomes(queues, outcomes)
         raise
     if wait:
-        outcomes = [wait_for_job(q, o.name) if o.status == "submitted" else o for o in outcomes]
+        outcomes = [
+            wait_for_job(queue_of(o.name, queues), o.name) if o.status == "submitted" else o for o in outcomes
+        ]
     if not outcomes:
-        print(f"Nothing to run in {queue}.{_failed_hint(q)}")
+        print(f"Nothing to run in {_names(queues)}.{_failed_hint(queues)}")
         return
-    _print_outcomes(queue, outcomes)
+    _print_outcomes(queues, outcomes)
     if outcomes[-1].status == "stopped":
         sys.exit(outcomes[-1].code)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
 
-def _failed_hint(queue: Queue) -> str:
-    failed = [e for e in queue.load() if e["status"] == "failed"]
+def _names(queues: list[Path]) -> str:
+    return ", ".join(map(str, queues))
+
+
+def _failed_hint(queues: list[Path]) -> str:
+    failed = [e for e in load_entries(queues) if e["status"] == "failed"]
     if not failed:
         return ""
     names = ", ".join(f"{e['name']} (exit {e.get('exit_code')})" for e in failed)
@@ -541,9 +563,9 @@ def _failed_hint(queue: Queue) -> str:
     )
 
 
-def _print_outcomes(queue: Path, outcomes: list[Outcome]) -> None:
+def _print_outcomes(queues: list[Path], outcomes: list[Outcome]) -> None:
     if outcomes:
-        print(f"\nrun-all on {queue}:")
+        print(f"\nrun-all on {_names(queues)}:")
         for o in outcomes:
             print(f"  {o.name}: {o.status}" + (f" (exit {o.code})" if o.code else ""))
 
@@ -568,17 +590,17 @@ def _run_one(
     return outcome
 
 
-def reset(model: str, queue: Path = Path("experiments.yaml"), delete_checkpoints: bool = False) -> None:
+def reset(model: str, queues: list[Path] | None = None, delete_checkpoints: bool = False) -> None:
     """Put an experiment back to `todo`. Its checkpoints and the arguments it ran with are kept (the next
     run resumes from them) unless `delete_checkpoints` is set, which deletes its whole run folder.
 
     Args:
-        model: The experiment's name in the queue.
-        queue: The queue file.
+        model: The experiment's name in the queues.
+        queues: Queue files, searched in order (default: experiments.yaml).
         delete_checkpoints: Delete its run folder (checkpoints, logs, evaluations): only a folder the
             runner made for this experiment.
     """
-    q = Queue(queue)
+    q = queue_of(model, queues or RUN_QUEUES)
     with q.edit() as entries:
         entry = find(entries, model)
         out_dir = out_dir_of(entry)
@@ -615,14 +637,14 @@ def check_deletable(out_dir: Path, name: str, queue: Queue) -> None:
         )
 
 
-def cancel(model: str, queue: Path = Path("experiments.yaml")) -> None:
+def cancel(model: str, queues: list[Path] | None = None) -> None:
     """Stop a running experiment and put it back to `todo`: cancel its SLURM job, or stop its local runner.
 
     Args:
-        model: The experiment's name in the queue.
-        queue: The queue file.
+        model: The experiment's name in the queues.
+        queues: Queue files, searched in order (default: experiments.yaml).
     """
-    q = Queue(queue)
+    q = queue_of(model, queues or RUN_QUEUES)
     entry = find(q.load(), model)
     if entry["status"] != "running" or not is_alive(entry):
         raise UserError(f"{model} is not running (status {entry['status']}).")
@@ -639,19 +661,19 @@ def cancel(model: str, queue: Path = Path("experiments.yaml")) -> None:
 
 def slurm_record(
     model: str,
-    queue: Path = Path("experiments.yaml"),
+    queues: list[Path] | None = None,
     event: Literal["started", "finished"] = "finished",
     exit_code: int = 0,
 ) -> None:
     """Record a SLURM job's start or end in its experiment's entry (the batch scripts call this).
 
     Args:
-        model: The experiment's name in the queue.
-        queue: The queue file.
+        model: The experiment's name in the queues.
+        queues: Queue files, searched in order (default: experiments.yaml).
         event: 'started' (the node it runs on) or 'finished' (done or failed, from the exit code).
         exit_code: The training step's exit code, for 'finished'.
     """
-    q = Queue(queue)
+    q = queue_of(model, queues or RUN_QUEUES)
     entry = find(q.load(), model)
     if event == "started":
         _record(q, model, host=socket.gethostname(), started_at=now())

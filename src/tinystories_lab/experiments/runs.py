@@ -62,9 +62,14 @@ class Checkpoint:
     def tokens_seen(self) -> int:
         """Training tokens consumed up to this checkpoint, over all devices."""
         train = self.hparams["train"]
-        devices = self.hparams.get("devices", 1)
-        world = (devices if isinstance(devices, int) else 1) * self.hparams.get("num_nodes", 1)
-        return int(self.load()["iter_num"]) * train["micro_batch_size"] * train["max_seq_length"] * world
+        per_iter = train["micro_batch_size"] * train["max_seq_length"] * world_size(self.hparams)
+        return int(self.load()["iter_num"]) * per_iter
+
+
+def world_size(hparams: dict) -> int:
+    """A run's training processes, from its saved arguments: devices x num_nodes ('auto' devices count 1)."""
+    devices = hparams.get("devices", 1)
+    return (devices if isinstance(devices, int) else 1) * hparams.get("num_nodes", 1)
 
 
 def step_checkpoints(out_dir: Path) -> list[Checkpoint]:
@@ -153,6 +158,12 @@ class Point(NamedTuple):
     value: float
 
 
+def metrics_files(out_dir: Path) -> list[Path]:
+    """LitGPT's CSV metrics of a run (or of a bench's work folder), one per session, oldest first."""
+    found = (out_dir / "logs" / "csv").glob("version_*/metrics.csv")
+    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("version_")))
+
+
 def read_curves(out_dir: Path) -> tuple[list[Point], list[Point]]:
     """Training and validation loss against iterations and tokens, from LitGPT's CSV logs.
 
@@ -161,11 +172,8 @@ def read_curves(out_dir: Path) -> tuple[list[Point], list[Point]]:
     """
     train: list[Point] = []
     val: list[Point] = []
-    files = sorted(
-        (out_dir / "logs" / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])
-    )
     tokens_per_iter = None
-    for path in files:
+    for path in metrics_files(out_dir):
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r]
         train_rows = [r for r in rows if r.get("loss")]

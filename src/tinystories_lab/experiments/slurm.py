@@ -7,6 +7,7 @@ own start and outcome in the queue (`tinystories-lab slurm-record`).
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -84,8 +85,8 @@ def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
         "tinystories_lab.cli",
         "slurm-record",
         name,
-        "--queue",
-        str(queue.resolve()),
+        "--queues",
+        json.dumps([str(queue.resolve())]),
     ]
     lines = [
         "#!/bin/bash",

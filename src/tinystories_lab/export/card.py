@@ -8,9 +8,10 @@ from pathlib import Path
 import yaml
 
 from tinystories_lab.configs import count_parameters
-from tinystories_lab.experiments.runs import Checkpoint, is_current
+from tinystories_lab.experiments.runs import Checkpoint, is_current, world_size
 from tinystories_lab.export.parity import Parity
 from tinystories_lab.models import TrainedModel
+from tinystories_lab.render import table
 
 STYLE = {
     "GPTNeoXForCausalLM": "GPT-style (LayerNorm, GELU MLP, RoPE)",
@@ -80,7 +81,8 @@ tags:
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
-    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    """A two-column table of facts, with an empty header."""
+    return table(["", ""], rows)
 
 
 def _architecture(trained: TrainedModel, hf_cfg: dict, params: int) -> str:
@@ -113,7 +115,7 @@ def _training(trained: TrainedModel) -> str:
     data = h.get("data") or {}
     source = data.get("init_args", {}).get("source", "?") if isinstance(data, dict) else data
     iters, tokens = int(state["iter_num"]), ckpt.tokens_seen()
-    world = tokens // (iters * train["micro_batch_size"] * train["max_seq_length"]) if iters else 1
+    world = world_size(h)
     return _table([
         ("tokens seen", f"{tokens:,} ({iters:,} micro-batches x {train['micro_batch_size']} sequences x "
                         f"{train['max_seq_length']} tokens" + (f" x {world} devices)" if world > 1 else ")")),

@@ -13,6 +13,7 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.export.card import model_card
 from tinystories_lab.export.hf import hf_config, hf_state_dict, write_model, write_tokenizer
 from tinystories_lab.export.parity import Parity, check_parity, parity_texts
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import load_trained, results_dir, select_checkpoints
 
 
@@ -73,7 +74,7 @@ def replace_folder(new: Path, target: Path) -> None:
 
 
 def export(
-    model: str, out_dir: Path | None = None, queues: list[Path] | None = None, device: str = "cpu"
+    model: str, out_dir: Path | None = None, queues: list[Path] | None = None, device: str = "auto"
 ) -> None:
     """Export an experiment's final checkpoint to the Hugging Face format, checked against LitGPT.
 
@@ -83,12 +84,14 @@ def export(
     card); a folder holding anything else is refused.
 
     Args:
-        model: The experiment's name in the queue, e.g. gpt_6L_6H_288D, or a checkpoint folder (a run's, or a
+        model: The experiment's name in the queues, e.g. gpt_6L_6H_288D, or a checkpoint folder (a run's, or a
             fine-tune's under experiments/finetune/).
         out_dir: Where to write (default: hf/ in the run's folder, e.g. experiments/tiny_stories/<name>/hf).
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).
-        device: Where the parity check runs both models: 'cpu' or 'cuda'.
+        device: Where the parity check runs both models: 'auto' (cuda if available, else cpu), 'cpu' or
+            'cuda'.
     """
+    device = resolve_device(device)
     name, checkpoint_dir = select_checkpoints(model, queues)[0]
     out_dir = out_dir or results_dir(checkpoint_dir) / "hf"
     parity = export_checkpoint(checkpoint_dir, out_dir, device)

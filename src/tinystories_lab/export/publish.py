@@ -15,7 +15,7 @@ def publish(model: str, repo: str, private: bool = False, queues: list[Path] | N
     Needs a token: the HF_TOKEN environment variable or a cached `hf auth login`; refuses without one.
 
     Args:
-        model: The experiment's name in the queue, e.g. gpt_6L_6H_288D.
+        model: The experiment's name in the queues, e.g. gpt_6L_6H_288D.
         repo: The Hub repository, e.g. your-name/tinystories-gpt-13M (created if it does not exist).
         private: Create the repository as private.
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).

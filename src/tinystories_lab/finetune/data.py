@@ -20,7 +20,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from tinystories_lab.data.sources import EOT, load_split
+from tinystories_lab.data.sources import EOT, hub_dataset, load_split
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.queue import write_atomic
 
@@ -128,17 +128,11 @@ def reservoir(items: Iterable[dict], k: int | None, seed: int) -> list[dict]:
 
 def instruct_lines(split: str, cache_dir: Path) -> Iterator[str]:
     """The lines of one split of TinyStories-Instruct from the Hub (cached), with a progress bar."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(INSTRUCT_DATASET, split=split, cache_dir=str(cache_dir))
-    except Exception as e:  # datasets raises many types for a missing network; all mean the same here
-        reason = str(e).splitlines()[0].rstrip(".") if str(e) else ""
-        raise UserError(
-            f"Could not download {INSTRUCT_DATASET} ({split}) from the Hugging Face Hub; is the network up? "
-            f"({type(e).__name__}: {reason}). Without a network, use the offline instruction set built from "
-            "the bundled sample: `make data-instruct-sample`, then `make finetune ... DATA=sample`."
-        ) from None
+    offline = (
+        "Without a network, use the offline instruction set built from the bundled sample: "
+        "`make data-instruct-sample`, then `make finetune ... DATA=sample`."
+    )
+    ds = hub_dataset(INSTRUCT_DATASET, split, cache_dir, offline)
     with tqdm(total=len(ds), desc=f"{INSTRUCT_DATASET} {split}", unit="line") as bar:
         for batch in ds.iter(batch_size=100_000):
             yield from batch["text"]

@@ -64,7 +64,7 @@ def evaluate_finetune(
 ) -> dict:
     """The fine-tune and the weights it started from, on its held-out instructions and on stories (the base
     run's validation split, or `text`): what fine-tuning gained, and what it cost."""
-    from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_tokens
+    from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_split
 
     hparams = yaml.safe_load((checkpoint_dir / "hyperparameters.yaml").read_text())
     base_dir = Path(hparams["checkpoint_dir"])
@@ -75,7 +75,7 @@ def evaluate_finetune(
     before, n_targets = instruction_loss(base, data, batch_size, device)
     after, _ = instruction_loss(tuned, data, batch_size, device)
     if text is None:
-        tokens, n_bytes, described = validation_tokens(base)
+        tokens, n_bytes, described, _ = validation_split(base)
     else:
         tokens, n_bytes, _ = text_tokens(base, text, separator)
         described = str(text)

@@ -24,10 +24,11 @@ import yaml
 from litgpt import Config
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.runner import _die_with_parent, choose_resume
-from tinystories_lab.experiments.runs import RunLock
+from tinystories_lab.experiments.locks import RunLock
+from tinystories_lab.experiments.runs import resume_point
 from tinystories_lab.finetune.data import SPLIT_FILES, data_instruct
 from tinystories_lab.models import FINETUNE_DIR, select_checkpoints
+from tinystories_lab.pretrain import die_with_parent
 
 Method = Literal["lora", "full"]
 PROMPT_STYLE = "phi-2"  # LitGPT's shortest built-in template: "Instruct: {instruction}\nOutput:"
@@ -189,7 +190,8 @@ def finetune(
             )
         resume = None
         if method == "full":
-            resume = choose_resume(out_dir)
+            point = resume_point(out_dir)  # the newest step-* that loads
+            resume = str(point) if point else "false"
         elif any(out_dir.glob("step-*")) or (out_dir / "final").exists():
             raise UserError(
                 f"{out_dir} holds an interrupted LoRA fine-tune, which LitGPT's finetune_lora cannot resume "
@@ -264,7 +266,7 @@ def run_logged(cmd: list[str], out_dir: Path, lock: RunLock) -> int:
         log.write(header)
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            pass_fds=(lock.fd,), preexec_fn=_die_with_parent,
+            pass_fds=(lock.fd,), preexec_fn=die_with_parent,
         )  # fmt: skip
         try:
             for line in proc.stdout:

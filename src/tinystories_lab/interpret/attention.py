@@ -14,8 +14,8 @@ from litgpt import GPT
 from litgpt.model import CausalSelfAttention
 
 from tinystories_lab.interpret.hooks import gpt_of
-from tinystories_lab.interpret.plots import plt, save
 from tinystories_lab.models import TrainedModel
+from tinystories_lab.render import plt, save
 
 
 @contextmanager

@@ -21,10 +21,10 @@ import torch
 from litgpt import GPT
 from tqdm import tqdm
 
-from tinystories_lab.interpret import markdown
 from tinystories_lab.interpret.hooks import gpt_of, is_gated, record
 from tinystories_lab.interpret.inputs import label
 from tinystories_lab.models import TrainedModel
+from tinystories_lab.render import escape, table
 
 
 @dataclass
@@ -127,7 +127,17 @@ def write_neurons(
 ) -> list[Path]:
     """neurons.json (every neuron: statistics and top-k contexts) and neurons.md (dead neurons per layer,
     and the `listed` most selective neurons with their contexts)."""
-    inputs = windows[:, :-1]
+    doc = neurons_json(stats, windows[:, :-1], labels, before)
+    json_path = out_dir / "neurons.json"
+    json_path.write_text(json.dumps(doc, separators=(",", ":")))  # compact: it holds every neuron
+    md_path = out_dir / "neurons.md"
+    md_path.write_text(neurons_markdown(stats, doc, title, listed) + "\n")
+    return [md_path, json_path]
+
+
+def neurons_json(stats: NeuronStats, inputs: torch.Tensor, labels: list[str], before: int = 12) -> dict:
+    """Every neuron's statistics and top contexts (the text of up to `before` tokens leading to each), and
+    the dead neurons per layer."""
     n_layer, n_neuron = stats.mean.shape
     selectivity, dead = stats.selectivity, stats.dead
 
@@ -166,7 +176,7 @@ def write_neurons(
         for neuron in range(n_neuron)
     ]
     strength = "|activation|" if stats.gated else "activation"
-    doc = dict(
+    return dict(
         tokens=stats.tokens,
         threshold=stats.threshold,
         strength=strength,
@@ -177,33 +187,39 @@ def write_neurons(
         layers=per_layer,
         neurons=neurons,
     )
-    json_path = out_dir / "neurons.json"
-    json_path.write_text(json.dumps(doc, separators=(",", ":")))  # compact: it holds every neuron
 
+
+def neurons_markdown(stats: NeuronStats, doc: dict, title: str, listed: int = 20) -> str:
+    """neurons.md: dead neurons per layer, and the `listed` most selective neurons with the top contexts
+    `doc` (`neurons_json`) holds for them."""
+    n_layer, n_neuron = stats.mean.shape
+    selectivity = stats.selectivity
     best = stats.most_selective(listed)
+    tops = {(n["layer"], n["neuron"]): n["top"] for n in doc["neurons"]}
+    definitions = doc["definitions"]
     lines = [
         f"# Neurons: {title}",
         "",
         f"{n_layer} layers x {n_neuron} neurons (the input of each MLP's output projection), over "
-        f"{stats.tokens:,} validation tokens. Strength: {strength}. Dead: {doc['definitions']['dead']} "
-        f"({stats.threshold:g}). Selectivity: {doc['definitions']['selectivity']}, k = "
+        f"{stats.tokens:,} validation tokens. Strength: {doc['strength']}. Dead: {definitions['dead']} "
+        f"({stats.threshold:g}). Selectivity: {definitions['selectivity']}, k = "
         f"{stats.top_values.shape[-1]}. Every neuron's statistics and top contexts: "
         "[neurons.json](neurons.json).",
         "",
         "## Dead neurons",
         "",
-        markdown.table(
+        table(
             ["layer", "dead", "fraction", "mean firing rate"],
             [
                 [p["layer"], p["dead"], f"{p['dead_fraction']:.1%}", f"{p['mean_fire_rate']:.1%}"]
-                for p in per_layer
+                for p in doc["layers"]
             ],
             align="rrrr",
         ),
         "",
         f"## The {len(best)} most selective neurons",
         "",
-        markdown.table(
+        table(
             ["neuron", "selectivity", "firing rate", "top activation", "its context"],
             [
                 [
@@ -211,7 +227,7 @@ def write_neurons(
                     f"{selectivity[layer, neuron]:.1f}",
                     f"{stats.fire_rate[layer, neuron]:.1%}",
                     f"{stats.top_values[layer, neuron, 0]:.2f}",
-                    _highlight(*context(inputs, stats.top_tokens[layer, neuron, 0].item(), labels, before)),
+                    _highlight(tops[layer, neuron][0]["context"], tops[layer, neuron][0]["token"]),
                 ]
                 for layer, neuron in best
             ],
@@ -226,22 +242,20 @@ def write_neurons(
             f"selectivity {selectivity[layer, neuron]:.1f}, fires on {stats.fire_rate[layer, neuron]:.1%} of "
             f"tokens, mean {stats.mean[layer, neuron]:.3f}, std {stats.std[layer, neuron]:.3f}",
             "",
-            markdown.table(
+            table(
                 ["activation", "context"],
                 [
                     [f"{t['activation']:.2f}", _highlight(t["context"], t["token"])]
-                    for t in top_contexts(layer, neuron)
+                    for t in tops[layer, neuron]
                 ],
                 align="rl",
             ),
         ]
-    md_path = out_dir / "neurons.md"
-    md_path.write_text("\n".join(lines) + "\n")
-    return [md_path, json_path]
+    return "\n".join(lines)
 
 
 def _highlight(text: str, token: str) -> str:
     """The context with its token in bold (a leading space stays outside the bold, or Markdown ignores it)."""
-    shown = markdown.escape(token)
+    shown = escape(token)
     core = shown.lstrip(" ")
-    return f"{markdown.escape(text)}{shown[: len(shown) - len(core)]}**{core or '␣'}**"
+    return f"{escape(text)}{shown[: len(shown) - len(core)]}**{core or '␣'}**"

@@ -1,27 +1,15 @@
-"""Shared plotting: matplotlib without a display, and a grid of annotated heatmaps."""
+"""Interpretability plots: a grid of annotated layer x head heatmaps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib import patheffects
 
-matplotlib.use("Agg")  # files only: no display needed, none opened
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import patheffects  # noqa: E402
-
-__all__ = ["heatmaps", "plt", "save"]
+from tinystories_lab.render import plt, save
 
 OUTLINE = [patheffects.withStroke(linewidth=2, foreground="white")]  # cell values readable on any colour
-
-
-def save(fig: plt.Figure, path: Path) -> Path:
-    """Write a figure as PNG and free it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def heatmaps(

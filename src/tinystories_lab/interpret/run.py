@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from tinystories_lab.configs import architecture
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import is_current, out_dir_of
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.interpret import pages
 from tinystories_lab.interpret.ablation import (
     ablation_effects,
@@ -32,9 +35,9 @@ from tinystories_lab.interpret.inputs import (
 )
 from tinystories_lab.interpret.logit_lens import logit_lens, write_logit_lens
 from tinystories_lab.interpret.neurons import neuron_stats, write_neurons
-from tinystories_lab.models import final_checkpoint_dir, load_trained, select_experiments
+from tinystories_lab.models import TrainedModel, final_checkpoint_dir, load_trained, select_experiments
 
-REPORT_DIR = Path("experiments/report/interp")
+COMPARE_DIR = Path("experiments/report/interp")
 
 
 def interp_dir(model: str, queues: list[Path] | None = None) -> Path:
@@ -56,7 +59,7 @@ def interpret(
     neurons: int = 20,
     dead_threshold: float = 0.01,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str = "auto",
     seed: int = 0,
     queues: list[Path] | None = None,
 ) -> Path:
@@ -66,7 +69,7 @@ def interpret(
     activating contexts, zero and mean ablations, and the logit lens, linked from interp/index.md.
 
     Args:
-        model: Experiment name, as in experiments.yaml or experiments.demo.yaml; its final checkpoint is used.
+        model: The experiment's name in the queues; its run's final checkpoint is used.
         story: Which validation story (0 = the first) the attention patterns show.
         text: Show the attention patterns on this text instead of a validation story.
         attention_tokens: Tokens of that story shown (from its BOS on); labels get hard to read beyond ~48.
@@ -79,14 +82,14 @@ def interpret(
         neurons: How many of the most selective neurons neurons.md lists and the ablations remove.
         dead_threshold: A neuron whose strength never exceeds this on the windows counts as dead.
         batch_size: Sequences per forward pass.
-        device: Where the model runs: 'cpu', 'cuda', 'cuda:1', ...
+        device: Where the model runs: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
         seed: Seed of the random repeated sequences.
         queues: Queue files that hold the experiment (default: experiments.yaml and experiments.demo.yaml).
     """
     start = time.perf_counter()
+    device = resolve_device(device)
     entry = select_experiments(model, queues)[0]
     trained = load_trained(final_checkpoint_dir(entry), device=device)
-    config, tokenizer = trained.config, trained.tokenizer
     seq_len = trained.max_seq_length
     if 2 * period + 1 > seq_len:
         raise UserError(
@@ -95,93 +98,149 @@ def interpret(
     out = out_dir_of(entry) / "interp"
     out.mkdir(parents=True, exist_ok=True)
     name = entry["name"]
-
+    tokenizer = trained.tokenizer
     tokens = validation_tokens(trained)
-    labels = token_labels(tokenizer)
     val_stories = validation_stories(tokens, tokenizer.bos_id, max(stories, story + 1), seq_len)
     if story >= len(val_stories):
         raise UserError(f"--story {story}: the validation split holds {len(val_stories)} stories.")
     shown = (
         tokenizer.encode(text, bos=True)[:attention_tokens] if text else val_stories[story][:attention_tokens]
     )
-    val_windows = validation_windows(tokens, seq_len, windows)
     avoid = (tokenizer.eos_id, 0)  # 0 is <unk> in SentencePiece vocabularies
-    repeated = repeated_tokens(repeats, period, tokenizer.vocab_size, tokenizer.bos_id, avoid, seed)
+    inputs = Inputs(
+        trained=trained,
+        out=out,
+        name=name,
+        what=f"{name}: " + ("the given text" if text else f"validation story {story}"),
+        labels=token_labels(tokenizer),
+        shown=shown,
+        stories=val_stories[:stories],
+        repeated=repeated_tokens(repeats, period, tokenizer.vocab_size, tokenizer.bos_id, avoid, seed),
+        windows=validation_windows(tokens, seq_len, windows),
+        ablation_windows=ablation_windows,
+        top_k=top_k,
+        neurons=neurons,
+        dead_threshold=dead_threshold,
+        batch_size=batch_size,
+    )
 
-    steps = tqdm(total=5, desc=f"interpret {name}", unit="instrument")
-    files = {}
-    steps.set_postfix_str("attention")
-    pattern = attention_patterns(trained, shown[None].long())[:, 0]
-    what = f"{name}: " + ("the given text" if text else f"validation story {story}")
-    files["attention"] = write_attention(pattern, [label(labels, i) for i in shown.tolist()], out, what)
-    steps.update()
+    results, files = {}, {}
+    steps = tqdm(INSTRUMENTS, desc=f"interpret {name}", unit="instrument")
+    for key, caption, instrument in steps:
+        steps.set_postfix_str(caption)
+        results[key], files[key] = instrument(inputs, results)
 
-    steps.set_postfix_str("head scores")
-    scores = head_scores(trained, val_stories[:stories], repeated, batch_size)
-    files["head_scores"] = write_head_scores(scores, out, name)
-    steps.update()
+    settings = dict(
+        story=None if text else story,
+        text=text,
+        attention_tokens=len(shown),
+        stories=len(inputs.stories),
+        repeats=repeats,
+        period=period,
+        windows=len(inputs.windows),
+        ablation_windows=len(inputs.windows[:ablation_windows]),
+        window_tokens=seq_len,
+        top_k=top_k,
+        neurons=neurons,
+        dead_threshold=dead_threshold,
+        seed=seed,
+    )
+    summary = interpret_summary(trained, name, settings, results, time.perf_counter() - start)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    lens, stats = results["logit_lens"], results["neurons"]
+    index = pages.write_index(out, summary, files, results["ablation"], lens, stats)
+    n_files = sum(len(f) for f in files.values()) + 2
+    induction, score = summary["top_heads"]["induction"][0]
+    print(
+        f"{name}: {n_files} files in {out}/ (start at {index.name}) in {time.perf_counter() - start:.0f} s; "
+        f"loss {lens['loss'][-1]:.3f} on {len(inputs.windows)} windows, {summary['dead_fraction']:.1%} dead "
+        f"neurons, top induction head {induction} ({score:.2f})"
+    )
+    return out
 
-    steps.set_postfix_str("neurons")
-    stats = neuron_stats(trained, val_windows, top_k, dead_threshold, batch_size)
-    files["neurons"] = write_neurons(stats, val_windows, labels, out, name, listed=neurons)
-    steps.update()
 
-    steps.set_postfix_str("ablations")
-    selective = neuron_components(stats.most_selective(neurons))
+@dataclass
+class Inputs:
+    """What the instruments run on: the model, where its files go, and the tokens each one reads."""
+
+    trained: TrainedModel
+    out: Path
+    name: str
+    what: str  # what the attention patterns show, in words
+    labels: list[str]
+    shown: torch.Tensor  # the tokens whose attention patterns are drawn
+    stories: list[torch.Tensor]  # validation stories for the previous-token and BOS scores
+    repeated: torch.Tensor  # random repeated sequences for the induction and duplicate-token scores
+    windows: torch.Tensor  # validation windows for the neurons, ablations and logit lens
+    ablation_windows: int
+    top_k: int
+    neurons: int
+    dead_threshold: float
+    batch_size: int
+
+
+# Each instrument measures, writes its files, and returns (result, files); `done` holds earlier results.
+def _attention(x: Inputs, done: dict) -> tuple:
+    pattern = attention_patterns(x.trained, x.shown[None].long())[:, 0]
+    return pattern, write_attention(pattern, [label(x.labels, i) for i in x.shown.tolist()], x.out, x.what)
+
+
+def _head_scores(x: Inputs, done: dict) -> tuple:
+    scores = head_scores(x.trained, x.stories, x.repeated, x.batch_size)
+    return scores, write_head_scores(scores, x.out, x.name)
+
+
+def _neurons(x: Inputs, done: dict) -> tuple:
+    stats = neuron_stats(x.trained, x.windows, x.top_k, x.dead_threshold, x.batch_size)
+    return stats, write_neurons(stats, x.windows, x.labels, x.out, x.name, listed=x.neurons)
+
+
+def _ablations(x: Inputs, done: dict) -> tuple:
+    config = x.trained.config
+    selective = neuron_components(done["neurons"].most_selective(x.neurons))
     components = head_components(config) + mlp_components(config) + selective
-    ablations = ablation_effects(trained, val_windows[:ablation_windows], components, batch_size)
-    files["ablation"] = write_ablations(ablations, out, name)
-    steps.update()
+    ablations = ablation_effects(x.trained, x.windows[: x.ablation_windows], components, x.batch_size)
+    return ablations, write_ablations(ablations, x.out, x.name)
 
-    steps.set_postfix_str("logit lens")
-    lens = logit_lens(trained, val_windows, batch_size)
-    files["logit_lens"] = write_logit_lens(lens, out, name)
-    steps.update()
-    steps.close()
 
-    summary = dict(
+def _logit_lens(x: Inputs, done: dict) -> tuple:
+    lens = logit_lens(x.trained, x.windows, x.batch_size)
+    return lens, write_logit_lens(lens, x.out, x.name)
+
+
+INSTRUMENTS = [  # (key in `files` and the results, progress label, instrument), in the order they run
+    ("attention", "attention", _attention),
+    ("head_scores", "head scores", _head_scores),
+    ("neurons", "neurons", _neurons),
+    ("ablation", "ablations", _ablations),
+    ("logit_lens", "logit lens", _logit_lens),
+]
+
+
+def interpret_summary(
+    trained: TrainedModel, name: str, settings: dict, results: dict, seconds: float
+) -> dict:
+    """summary.json: the model, the settings, and the headline numbers of the instruments."""
+    config = trained.config
+    return dict(
         name=name,
         arch=architecture(config),
         shape=dict(
             n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, d_mlp=config.intermediate_size
         ),
         checkpoint=str(trained.checkpoint_dir),
-        settings=dict(
-            story=None if text else story,
-            text=text,
-            attention_tokens=len(shown),
-            stories=min(stories, len(val_stories)),
-            repeats=repeats,
-            period=period,
-            windows=len(val_windows),
-            ablation_windows=len(val_windows[:ablation_windows]),
-            window_tokens=seq_len,
-            top_k=top_k,
-            neurons=neurons,
-            dead_threshold=dead_threshold,
-            seed=seed,
-        ),
-        clean_loss=ablations.clean_loss,
-        dead_fraction=stats.dead.float().mean().item(),
-        top_heads=top_heads(scores),
-        seconds=round(time.perf_counter() - start, 1),
+        settings=settings,
+        clean_loss=results["ablation"].clean_loss,
+        dead_fraction=results["neurons"].dead.float().mean().item(),
+        top_heads=top_heads(results["head_scores"]),
+        seconds=round(seconds, 1),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    index = pages.write_index(out, summary, files, ablations, lens, stats)
-    n_files = sum(len(f) for f in files.values()) + 2
-    induction, score = summary["top_heads"]["induction"][0]
-    print(
-        f"{name}: {n_files} files in {out}/ (start at {index.name}) in {time.perf_counter() - start:.0f} s; "
-        f"loss {lens['loss'][-1]:.3f} on {len(val_windows)} windows, {summary['dead_fraction']:.1%} dead "
-        f"neurons, top induction head {induction} ({score:.2f})"
-    )
-    return out
 
 
 def interpret_compare(
-    gpt: str, llama: str, device: str = "cpu", out_dir: Path = REPORT_DIR, queues: list[Path] | None = None
+    gpt: str, llama: str, device: str = "auto", out_dir: Path = COMPARE_DIR, queues: list[Path] | None = None
 ) -> Path:
-    """Put two models (a GPT and a LLaMA of one size) side by side: head scores, ablations, logit lens.
+    """Put two runs (a GPT and a LLaMA of one size) side by side: head scores, ablations, logit lens.
 
     Writes <out_dir>/<gpt>-vs-<llama>.md with its PNGs next to it. A model without interpret results, or
     whose results predate its final checkpoint, gets them first, with the default settings.
@@ -189,10 +248,12 @@ def interpret_compare(
     Args:
         gpt: The first experiment (normally the GPT-style one).
         llama: The second experiment (normally the LLaMA-style one of the same size).
-        device: Where to run `interpret` for a model that has no results yet.
+        device: Where to run `interpret` for a run that has no results yet: 'auto' (cuda if available,
+            else cpu), 'cpu' or 'cuda'.
         out_dir: Folder of the comparison pages (the report links every page in it).
         queues: Queue files that hold the experiments (default: experiments.yaml and experiments.demo.yaml).
     """
+    device = resolve_device(device)
     dirs = {}
     for name in (gpt, llama):
         folder = interp_dir(name, queues)
