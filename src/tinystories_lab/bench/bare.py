@@ -66,6 +66,7 @@ def train(settings: dict) -> dict:
         model = torch.compile(model)
     optimizer = instantiate_torch_optimizer(cfg.optimizer, model.parameters(), fused=device.type == "cuda")
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.precision == "bf16-mixed" else nullcontext()
+    loss_autocast = torch.autocast(device.type, torch.bfloat16) if "bf16" in cfg.precision else nullcontext()
     lr, max_iters = (
         optimizer.defaults["lr"],
         cfg.train.max_tokens // (cfg.train.micro_batch_size * model.max_seq_length),
@@ -83,7 +84,9 @@ def train(settings: dict) -> dict:
                 group["lr"] = get_lr(lr, it, warmup_iters, max_iters, cfg.train.min_lr)
             x = batches[it]
             with autocast:
-                loss = chunked_cross_entropy(model(x[:, :-1]), x[:, 1:])
+                logits = model(x[:, :-1])
+            with loss_autocast:  # bf16 logits: the cross-entropy in fp32, chunk by chunk
+                loss = chunked_cross_entropy(logits, x[:, 1:])
             (loss / accum).backward()
             it += 1
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_norm)
