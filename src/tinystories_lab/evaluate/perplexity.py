@@ -185,10 +185,10 @@ def evaluate(
         batch_size: Windows per forward pass.
         device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
     """
-    device = resolve_device(device)
-    from tinystories_lab.finetune.evaluate import evaluate_finetune
+    from tinystories_lab.finetune.evaluate import evaluate_finetune  # not at the top: it imports this module
     from tinystories_lab.finetune.run import is_finetune
 
+    device = resolve_device(device)
     results, tuned = [], []
     for _, checkpoint_dir in select_checkpoints(model, queues):
         if is_finetune(checkpoint_dir):

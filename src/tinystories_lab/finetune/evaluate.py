@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from tinystories_lab.data.sources import Separator
 from tinystories_lab.errors import UserError
+from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_split
 from tinystories_lab.models import TrainedModel, load_trained, results_dir
 
 
@@ -64,8 +65,6 @@ def evaluate_finetune(
 ) -> dict:
     """The fine-tune and the weights it started from, on its held-out instructions and on stories (the base
     run's validation split, or `text`): what fine-tuning gained, and what it cost."""
-    from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_split
-
     hparams = yaml.safe_load((checkpoint_dir / "hyperparameters.yaml").read_text())
     base_dir = Path(hparams["checkpoint_dir"])
     if not (base_dir / "lit_model.pth").is_file():
