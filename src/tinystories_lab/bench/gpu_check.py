@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from tinystories_lab.bench.memory import GPU_TARGET_BYTES
 from tinystories_lab.bench.precision import choose_precision
 from tinystories_lab.bench.training import (
     RESULTS_DIR,
@@ -37,7 +38,6 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.hardware import resolve_device
 from tinystories_lab.render import table
 
-MEMORY_TARGET_BYTES = 16e9  # the GPU every config's micro batch is sized for
 DATASHEET_BF16_TFLOPS = (  # dense bf16 tensor-core peaks from NVIDIA's datasheets, by device-name substring
     ("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
     ("RTX 4090", 165),
@@ -80,7 +80,7 @@ def check_variant(
         "mfu_measured_peak": run["tokens_per_s"] * fpt / peaks["measured"],
         "mfu_datasheet_peak": run["tokens_per_s"] * fpt / peaks["datasheet"] if peaks["datasheet"] else None,
         "peak_memory_gib": run["peak_memory_gib"],
-        "fits_memory_target": peak_bytes <= MEMORY_TARGET_BYTES,
+        "fits_memory_target": peak_bytes <= GPU_TARGET_BYTES,
         "loss_first_last": [run["losses"][0], run["losses"][-1]],
     }
 
@@ -186,7 +186,7 @@ def gpu_check(
         "precision_reason": why,
         "peak_flops_measured": peaks["measured"],
         "peak_flops_datasheet": peaks["datasheet"],
-        "memory_target_gb": MEMORY_TARGET_BYTES / 1e9,
+        "memory_target_gb": GPU_TARGET_BYTES / 1e9,
         "variants": variants,
         "demo": demo,
         "seconds": time.perf_counter() - start,
@@ -194,8 +194,9 @@ def gpu_check(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{report['device']}-{report['date']}-gpu-check"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(check_markdown(report) + "\n")
-    print(check_markdown(report))
+    page = check_markdown(report)
+    stem.with_suffix(".md").write_text(page + "\n")
+    print(page)
     print(f"Results: {stem}.json and .md ({report['seconds']:.0f} s)")
     return report
 

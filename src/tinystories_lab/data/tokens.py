@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from tinystories_lab.data.tokenizer import fingerprint
 from tinystories_lab.errors import UserError
+from tinystories_lab.files import write_atomic
 from tinystories_lab.hardware import cpu_count
 
 FORMAT_VERSION = 1
@@ -102,8 +103,9 @@ def write_split(
         for start in range(0, len(stories), chunk):
             batch = stories[start : start + chunk]
             flat = encode_stories(tokenizer, batch, threads)
-            f.write(flat.tobytes())
-            digest.update(flat.tobytes())
+            raw = flat.tobytes()
+            f.write(raw)
+            digest.update(raw)
             tokens += flat.size
             n_bytes += sum(len(s.encode()) for s in batch)
             bar.update(len(batch))
@@ -231,7 +233,7 @@ def write_tokens(
         counts = write_split(tokenizer, stories, path, threads, desc=f"encoding {split}")
         done[split] = {**counts, "stories_sha256": digest}
         on_disk = {**header, "splits": done}  # after each split: a crash keeps the splits already written
-        _write_json_atomic(tokens_dir / META_FILE, on_disk)
+        write_atomic(tokens_dir / META_FILE, json.dumps(on_disk, indent=2) + "\n")
         print(
             f"{split}: {counts['stories']:,} stories, {counts['tokens']:,} tokens, "
             f"{counts['bytes'] / counts['tokens']:.2f} bytes/token -> {path}"
@@ -241,7 +243,7 @@ def write_tokens(
     if overlap:
         meta["validation_in_train"] = overlap
     if meta != on_disk:
-        _write_json_atomic(tokens_dir / META_FILE, meta)
+        write_atomic(tokens_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -282,9 +284,3 @@ def open_split(
     if problem:
         raise UserError(damaged(problem, remake))
     return np.memmap(tokens_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -20,6 +20,7 @@ from tinystories_lab.data.tokens import stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import validation_text, window_loss
 from tinystories_lab.export.hf import BOUNDARY_KEY
+from tinystories_lab.files import write_atomic
 from tinystories_lab.hardware import resolve_device
 from tinystories_lab.render import format_table
 
@@ -253,9 +254,7 @@ def result_name(hf: str, source: str, text: Path | None) -> str:
 def write_result(result: dict, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
     return path
 
 

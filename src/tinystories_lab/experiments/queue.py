@@ -7,10 +7,7 @@ field order and entry order; the runner only adds its own fields (RUNNER_FIELDS)
 from __future__ import annotations
 
 import io
-import os
 import re
-import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +17,7 @@ from ruamel.yaml.error import YAMLError
 
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.locks import Lock
+from tinystories_lab.files import write_atomic
 
 STATUSES = ("todo", "running", "done", "failed")
 ENVIRONMENTS = ("local", "slurm")
@@ -189,20 +187,3 @@ def find(entries: list[dict], name: str) -> dict:
         if entry["name"] == name:
             return entry
     raise UserError(f"Unknown experiment {name!r}. Valid names: {', '.join(e['name'] for e in entries)}.")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename it into place (`path` must not be a
-    symlink: pass its target)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        if path.exists():  # keep the file's permissions (mkstemp makes it private to its owner)
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -40,6 +40,7 @@ from tinystories_lab.experiments.runs import (
     resume_point,
     run_file_names,
     step_checkpoints,
+    world_size,
     write_run_file,
 )
 from tinystories_lab.pretrain import die_with_parent
@@ -79,10 +80,15 @@ def is_runnable(entry: dict, include_optional: bool = False) -> bool:
     if entry["status"] not in ("todo", "running"):
         return False
     out_dir = out_dir_of(entry)
-    if out_dir.exists() and not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
+    if not accessible(out_dir):
         print(f"Skipping {entry['name']}: its run folder {out_dir} is not accessible (permission denied).")
         return False
     return entry["status"] == "todo" or not is_alive(entry)
+
+
+def accessible(out_dir: Path) -> bool:
+    """Whether the runner may read and write a run folder (one not made yet counts as accessible)."""
+    return not out_dir.exists() or os.access(out_dir, os.R_OK | os.W_OK | os.X_OK)
 
 
 def claim(
@@ -163,7 +169,7 @@ def check_ready(
     """Refuse to start when the config does not parse, cannot train on the entry's devices, its tokenizer
     or token files are missing, or its checkpoints cannot be resumed; for SLURM, what sbatch would refuse."""
     cfg = parse_config(entry["config"], *entry.get("args", []), *args)
-    check_training(cfg.train, entry.get("devices", 1) * entry.get("num_nodes", 1))
+    check_training(cfg.train, world_size(entry))
     if cfg.tokenizer_dir is None:
         raise UserError(f"{entry['config']} sets no tokenizer_dir; the TinyStories data module needs one.")
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
@@ -342,7 +348,7 @@ def choose_micro_batch(queue: Queue, entry: dict, env: dict[str, str]) -> None:
         return
     args = [*entry.get("args", []), *entry.get("run_args", [])]
     cfg = parse_config(entry["config"], *args)
-    per_device = cfg.train.global_batch_size // (entry.get("devices", 1) * entry.get("num_nodes", 1))
+    per_device = cfg.train.global_batch_size // world_size(entry)
     micro, why = auto_micro_batch(Path(entry["config"]), args, per_device, env)
     entry["run_args"] = [*entry.get("run_args", []), f"--train.micro_batch_size={micro}"]
     _record(queue, entry["name"], run_args=entry["run_args"])
@@ -409,11 +415,7 @@ def _finish(queue: Queue, name: str, status: str, **fields) -> None:
     waited = 0
     while True:
         try:
-            with queue.edit(check_configs=False) as entries:
-                entry = find(entries, name)
-                entry["status"] = status
-                entry["finished_at"] = now()
-                entry.update({k: v for k, v in fields.items() if v is not None})
+            _record(queue, name, status=status, finished_at=now(), **fields)
             return
         except OSError as e:
             if e.errno != errno.ENOSPC or waited >= DISK_FULL_WAIT_S:
@@ -604,7 +606,7 @@ def reset(model: str, queues: list[Path] | None = None, delete_checkpoints: bool
     with q.edit() as entries:
         entry = find(entries, model)
         out_dir = out_dir_of(entry)
-        if out_dir.exists() and not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
+        if not accessible(out_dir):
             raise UserError(f"{out_dir} is not accessible (permission denied); fix its permissions first.")
         if entry["status"] == "running" and is_alive(entry):
             raise UserError(

@@ -67,7 +67,8 @@ class Checkpoint:
 
 
 def world_size(hparams: dict) -> int:
-    """A run's training processes, from its saved arguments: devices x num_nodes ('auto' devices count 1)."""
+    """A run's training processes: devices x num_nodes of its saved arguments or its queue entry ('auto'
+    devices count 1)."""
     devices = hparams.get("devices", 1)
     return (devices if isinstance(devices, int) else 1) * hparams.get("num_nodes", 1)
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tinystories_lab.data.sources import EOT, hub_dataset, load_split
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.queue import write_atomic
+from tinystories_lab.files import write_atomic
 
 INSTRUCT_DATASET = "roneneldan/TinyStoriesInstruct"
 SPLIT_FILES = {"train": "train.json", "validation": "val.json"}  # LitGPT's JSON module reads these names
