@@ -9,7 +9,8 @@
 # prints MULTIPLE_SLURMD = Yes), nodes ts-n1 and ts-n2, each on its own port and its own loopback
 # address (127.0.0.11, 127.0.0.12, added to /etc/hosts). A job's main address is its first node's name,
 # which resolves to neither 127.0.0.1 nor this host's name: a run that found its peers came by it from
-# the allocation, not by luck.
+# the allocation, not by luck. Tasks are bound to cores (task/affinity, TaskPluginParam=Cores) as on
+# most real clusters, so a rank sees exactly the CPUs its step was given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR="$PWD/.slurm"
@@ -109,7 +110,8 @@ SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
 ReturnToService=2
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
@@ -143,10 +145,6 @@ start() {
     fi
     install
     [ "$(id -u)" = 0 ] || { say "starting the daemons needs root" >&2; exit 1; }
-    if [ "$NODES" -gt 1 ] && ! grep -qE 'MULTIPLE_SLURMD *= *Yes' <<<"$(scontrol show config 2>/dev/null)"; then
-        say "NODES=$NODES needs a SLURM built with multiple-slurmd support (this one is not)" >&2
-        exit 1
-    fi
     local previous
     if previous="$(linked_conf)"; then  # a cluster of another size (or another checkout's): replace it
         stop_daemons "$(dirname "$previous")"
@@ -155,6 +153,11 @@ start() {
     [ "$NODES" = 1 ] || add_hosts
     write_conf
     slurmctld
+    for _ in $(seq 50); do timeout 5 scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
+    if [ "$NODES" -gt 1 ] && ! grep -qE 'MULTIPLE_SLURMD *= *Yes' <<<"$(scontrol show config 2>/dev/null)"; then
+        say "NODES=$NODES needs a SLURM built with multiple-slurmd support (this one is not)" >&2
+        exit 1
+    fi
     local name
     for name in $(node_names); do
         slurmd -N "$name"
