@@ -50,9 +50,9 @@ def saving_fit(fit: Callable) -> Callable:
             started_at = a["state"]["iter_num"]
 
             def __next__(self):
-                state = a["state"]
-                if state["iter_num"] % accumulation == 0 and _agreed(a["fabric"]):
-                    _save_and_exit(a["fabric"], state, Path(a["out_dir"]), a["tokenizer_dir"], self.started_at)
+                fabric, state = a["fabric"], a["state"]
+                if state["iter_num"] % accumulation == 0 and _agreed(fabric):
+                    _save_and_exit(fabric, state, Path(a["out_dir"]), a["tokenizer_dir"], self.started_at)
                 return super().__next__()
 
         litgpt.pretrain.CycleIterator = _StopAtStepBoundary

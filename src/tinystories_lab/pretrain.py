@@ -199,8 +199,8 @@ def check_nodes(num_nodes: int) -> None:
     env = os.environ
     if num_nodes > 1 and "SLURM_NTASKS" not in env and not {"MASTER_ADDR", "NODE_RANK"} <= env.keys():
         raise UserError(
-            f"--num_nodes={num_nodes} needs a cluster launcher: use `environment: slurm`, or start one process "
-            "group per node with MASTER_ADDR, MASTER_PORT and NODE_RANK set."
+            f"--num_nodes={num_nodes} needs a cluster launcher: use `environment: slurm`, or start one "
+            "process group per node with MASTER_ADDR, MASTER_PORT and NODE_RANK set."
         )
 
 
@@ -211,7 +211,8 @@ def say_where(devices: int, num_nodes: int) -> None:
     where = SLURMEnvironment()
     print(
         f"Node rank {where.node_rank()} of {num_nodes} ({os.environ.get('SLURMD_NODENAME', '?')}, "
-        f"{devices} process(es)): main address {where.main_address}:{where.main_port}",
+        f"{devices} process(es), {len(os.sched_getaffinity(0))} CPU(s) each): main address "
+        f"{where.main_address}:{where.main_port}",
         flush=True,
     )
 
@@ -222,8 +223,8 @@ def check_gpus(gpus_per_node: int) -> None:
     if gpus_per_node > seen:
         raise UserError(
             f"this job asked for {gpus_per_node} GPU(s) per node but sees {seen} "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check the partition has "
-            "GPUs and grants them, or set `slurm: {gpus_per_node: 0}` for a CPU partition."
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check the partition "
+            "has GPUs and grants them, or set `slurm: {gpus_per_node: 0}` for a CPU partition."
         )
 
 

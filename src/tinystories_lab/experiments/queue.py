@@ -30,7 +30,7 @@ SLURM_FIELDS = {  # the optional `slurm:` mapping of an entry
 }  # fmt: skip
 RUN_RECORD = (  # what the runner records of a run: cleared when a new run starts
     "host", "pid", "started_at", "finished_at", "last_step", "exit_code", "error", "log", "note", "slurm_job",
-    "cuda_visible_devices",
+    "cuda_visible_devices", "start_step",
 )  # fmt: skip
 RUNNER_FIELDS = (*RUN_RECORD, "attempts", "run_args", "run_logger")
 DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]  # what read-only verbs look in
