@@ -1,4 +1,5 @@
-"""`environment: slurm` on a real SLURM: the one-node cluster `make slurm-local` starts (CI runs it first)."""
+"""`environment: slurm` on a real SLURM: the cluster `make slurm-local NODES=2` starts (CI runs it first);
+the two-node test skips on a one-node cluster, saying so."""
 
 import os
 import re
@@ -187,6 +188,29 @@ def test_a_two_task_job_trains_to_done_and_a_preempted_one_saves_and_resumes_to_
     assert all(requeued[i] == pytest.approx(straight[i], abs=1e-5) for i in straight)
     final = [read_curves(runs / n)[1][-1].value for n in ("straight", "requeued")]
     assert final[1] == pytest.approx(final[0], abs=1e-4)
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_a_job_that_comes_back_without_a_new_checkpoint_is_failed_with_the_reason_not_requeued(
+    tmp_path, sample_data
+):
+    queue = write_queue(tmp_path / "q.yaml", [slurm_entry("stuck", tmp_path, sample_data, steps=100000)])
+    assert runner("run-next", queue).returncode == 0
+    job = status(queue, "stuck")["slurm_job"]
+    try:
+        wait_for(lambda: "start_step" in status(queue, "stuck"), timeout=300)
+        subprocess.run(["scontrol", "requeue", str(job)], check=True)  # before its first step
+        wait_for(lambda: str(job_state(job)).startswith("PENDING"), timeout=120)
+        subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+        wait_for(lambda: status(queue, "stuck")["status"] != "running", timeout=300)
+        e = status(queue, "stuck")
+        assert e["status"] == "failed", e
+        assert f"SLURM job {job} came back (restart 1) with no checkpoint newer than step 0" in e["error"]
+        assert "requeue forever" in e["error"] and "slurm.time" in e["error"]
+        wait_for(lambda: job_state(job) is None, timeout=120)  # ended, not requeued again
+    finally:
+        subprocess.run(["scancel", str(job)])
 
 
 @needs_two_nodes

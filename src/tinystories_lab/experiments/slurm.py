@@ -38,7 +38,7 @@ def _slurm(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     if shutil.which(cmd[0]) is None:
         raise UserError(
             f"environment: slurm needs SLURM's `{cmd[0]}` on PATH: run on the cluster's login node, or start "
-            "a one-node cluster on this machine with `make slurm-local`."
+            "a cluster on this machine with `make slurm-local`."
         )
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
