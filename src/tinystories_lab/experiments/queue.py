@@ -153,7 +153,9 @@ def _validate_fields(entry: dict, where: str, check_configs: bool) -> None:
             kind = SLURM_FIELDS.get(key)
             if kind is None:
                 raise UserError(f"{where}: unknown slurm field {key!r}; use {', '.join(SLURM_FIELDS)}.")
-            if type(value) is not kind and not (kind is str and type(value) is int):
+            # isinstance: ruamel loads a plain 0 as ScalarInt, an int subclass; bool is one too, and refused
+            fits = isinstance(value, kind) and type(value) is not bool
+            if not fits and not (kind is str and type(value) is int):
                 raise UserError(f"{where}: slurm.{key} must be a {kind.__name__}, not {value!r}.")
 
 

@@ -168,9 +168,9 @@ def check_ready(
 ) -> None:
     """Refuse to start when the config does not parse, cannot train on the entry's devices, its tokenizer
     or token files are missing, or its checkpoints cannot be resumed; for SLURM, what sbatch would refuse."""
+    check_local_nodes(entry)
     cfg = parse_config(entry["config"], *entry.get("args", []), *args)
     check_training(cfg.train, world_size(entry))
-    check_local_nodes(entry)
     if cfg.tokenizer_dir is None:
         raise UserError(f"{entry['config']} sets no tokenizer_dir; the TinyStories data module needs one.")
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
