@@ -43,6 +43,7 @@ DATA ?= sample
 METHOD ?= lora
 LR ?=
 BENCH_OUT ?= benchmarks/results
+NODES ?= 1
 
 # QUEUE=file limits every target that takes experiments to that queue file; without it the run targets
 # use experiments.yaml and the others experiments.yaml and experiments.demo.yaml.
@@ -107,10 +108,10 @@ reset: ## Put MODEL back to todo; checkpoints and arguments kept unless DELETE=1
 cancel: ## Stop MODEL (cancel its SLURM job, or stop its local runner) and put it back to todo
 	$(LAB) cancel '$(MODEL)' $(QUEUES_FLAG)
 
-slurm-local: ## Start a one-node SLURM cluster on this machine (installs slurm-wlm and munge with apt, as root)
-	bash scripts/slurm_local.sh start
+slurm-local: ## Start a SLURM cluster on this machine, NODES=1 (or 2: two slurmd; installs slurm-wlm and munge with apt, as root)
+	NODES=$(NODES) bash scripts/slurm_local.sh start
 
-slurm-local-stop: ## Stop the one-node SLURM cluster
+slurm-local-stop: ## Stop the daemons `make slurm-local` started (by their PIDs in .slurm/)
 	bash scripts/slurm_local.sh stop
 
 demo: data-sample ## Offline demo: sample data, train both demo models (PRECISION=), eval, samples, interpret, report

@@ -1,21 +1,29 @@
 """Nothing the user has is lost: faults and bad input against the real runner and queue (docs/faults.md)."""
 
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, TOKENS_PER_STEP, UNPRIVILEGED, entry, runner, status, wait_for, write_queue
 
 from tinystories_lab.cli import main
+from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import runner as runner_module
+from tinystories_lab.experiments.gpus import claim_gpus
+from tinystories_lab.experiments.locks import LOCK_DIR_ENV, RunLock, run_is_alive
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import write_run_file
 
@@ -297,3 +305,64 @@ def test_unreadable_or_read_only_run_folders_get_one_line_and_block_nothing(tmp_
         assert "Cannot create the run folder" in result.stderr and "Permission denied" in result.stderr
     finally:
         (tmp_path / "runs").chmod(0o755)
+
+
+def test_a_file_system_without_locks_gets_one_line_naming_the_setting_that_moves_them(
+    tmp_path, sample_data, monkeypatch, capsys
+):
+    """Lustre or NFS without working flock: flock raises ENOLCK (or ENOSYS); one line, and the setting
+    that puts every lock in a local folder instead."""
+    queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data)])
+    before = queue.read_bytes()
+    real_flock = fcntl.flock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
+    assert code == 1 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert "its file system does not support file locks (No locks available)" in err
+    assert "TINYSTORIES_LAB_LOCK_DIR=" in err and queue.read_bytes() == before
+
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+    out_dir = tmp_path / "runs" / "a"
+    lock = RunLock(out_dir, "rank-0")
+    assert lock.acquire() and lock.path.parent == tmp_path / "locks"
+    assert run_is_alive(out_dir) and not list(out_dir.glob("*.lock"))
+    lock.release()
+    assert not run_is_alive(out_dir)
+
+
+def test_gpu_locks_are_keyed_by_uuid_and_shared_by_every_user():
+    """Two SLURM allocations on one node both see their GPU as "0": different GPUs, both may train. One
+    user's lock folder and files do not lock out the next user."""
+    home = Path(tempfile.mkdtemp())  # not under tmp_path, whose 0700 parents would bar another user
+    home.chmod(0o755)
+    lock_dir = home / "gpu-locks"
+    old = os.umask(0o022)
+    try:
+        first, first_locks = claim_gpus(1, visible=["0"], uuids=["GPU-aaa"], lock_dir=lock_dir)
+        second, second_locks = claim_gpus(1, visible=["0"], uuids=["GPU-bbb"], lock_dir=lock_dir)
+        assert first == second == "0"
+        with pytest.raises(UserError, match=r"in use by other runs: GPU 0"):
+            claim_gpus(1, visible=["0"], uuids=["GPU-aaa"], lock_dir=lock_dir)
+        assert stat.S_IMODE(lock_dir.stat().st_mode) == 0o1777
+        assert {stat.S_IMODE(p.stat().st_mode) for p in lock_dir.iterdir()} == {0o666}
+        assert sorted(p.name for p in lock_dir.iterdir()) == ["gpu-GPU-aaa.lock", "gpu-GPU-bbb.lock"]
+        for lock in first_locks + second_locks:
+            lock.release()
+    finally:
+        os.umask(old)
+    if UNPRIVILEGED:  # as another user whom permissions bind: the same folder and file are usable
+        check = (
+            "from pathlib import Path; from tinystories_lab.experiments.gpus import claim_gpus; "
+            f"print(claim_gpus(1, visible=['0'], uuids=['GPU-aaa'], lock_dir=Path({str(lock_dir)!r}))[0])"
+        )
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", check],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0 and result.stdout.strip() == "0", result.stderr
+    shutil.rmtree(home)

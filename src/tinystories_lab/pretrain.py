@@ -15,7 +15,11 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
   of the validation split, summed over all ranks, whatever their number (see `RankValWindows`);
 - the logged training loss: LitGPT logs rank 0's; here the mean over all ranks, as one rank would log it;
 - `--resume auto`: the newest checkpoint that loads (a truncated one is skipped), `final/` included;
-- `hyperparameters.yaml`: saved from these arguments (LitGPT re-reads `sys.argv`, which holds ours too).
+- `hyperparameters.yaml`: saved from these arguments (LitGPT re-reads `sys.argv`, which holds ours too);
+- SIGUSR1 (SLURM's warning before the time limit, or a preemption): every rank saves at the next step
+  boundary, then exits with 75 (`tinystories_lab.preemption`).
+
+Under SLURM each node's first process prints its node rank and the main address Fabric connects to.
 
 Every rank takes a lock in the run folder (`RunLock`), so the runner knows a run is alive until all its
 processes are gone, and ranks started by rank 0 die with it.
@@ -36,12 +40,14 @@ import lightning
 import litgpt.pretrain
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt.model import Block
 from litgpt.utils import CLI, chunked_cross_entropy, parse_devices
 from torchmetrics.aggregation import RunningMean
 
+from tinystories_lab import preemption
 from tinystories_lab.configs import check_training, count_parameters, model_config, pretrain_parser
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.locks import RunLock
@@ -189,6 +195,41 @@ def rank_from_env(devices_per_node: int) -> int:
     return int(env.get("NODE_RANK", 0)) * devices_per_node + int(env.get("LOCAL_RANK", 0))
 
 
+def check_nodes(num_nodes: int) -> None:
+    """Refuse several nodes without a launcher that gives each its node rank and the main address (Fabric
+    would wait 30 minutes for peers that never come)."""
+    env = os.environ
+    if num_nodes > 1 and "SLURM_NTASKS" not in env and not {"MASTER_ADDR", "NODE_RANK"} <= env.keys():
+        raise UserError(
+            f"--num_nodes={num_nodes} needs a cluster launcher: use `environment: slurm`, or start one "
+            "process group per node with MASTER_ADDR, MASTER_PORT and NODE_RANK set."
+        )
+
+
+def say_where(devices: int, num_nodes: int) -> None:
+    """Under SLURM, on each node's first process: its node rank and the main address Fabric connects to."""
+    if not SLURMEnvironment.detect() or int(os.environ.get("SLURM_LOCALID", 0)) != 0:
+        return
+    where = SLURMEnvironment()
+    print(
+        f"Node rank {where.node_rank()} of {num_nodes} ({os.environ.get('SLURMD_NODENAME', '?')}, "
+        f"{devices} process(es), {len(os.sched_getaffinity(0))} CPU(s) each): main address "
+        f"{where.main_address}:{where.main_port}",
+        flush=True,
+    )
+
+
+def check_gpus(gpus_per_node: int) -> None:
+    """Fail at once when the job asked for GPUs but this process sees fewer (it would train on CPUs)."""
+    seen = torch.cuda.device_count()
+    if gpus_per_node > seen:
+        raise UserError(
+            f"this job asked for {gpus_per_node} GPU(s) per node but sees {seen} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check the partition "
+            "has GPUs and grants them, or set `slurm: {gpus_per_node: 0}` for a CPU partition."
+        )
+
+
 def _save_hyperparameters(args: list[str], function, checkpoint_dir: Path) -> None:
     """LitGPT's `save_hyperparameters`, from the `litgpt pretrain` arguments instead of `sys.argv`."""
     from jsonargparse import capture_parser
@@ -207,6 +248,8 @@ def pretrain(args: list[str], strategy: Strategy = "auto") -> None:
     devices = parse_devices(cfg.devices)
     world = devices * cfg.num_nodes
     check_training(cfg.train, world)
+    check_nodes(cfg.num_nodes)
+    say_where(devices, cfg.num_nodes)
     rank = rank_from_env(devices)
     lock = RunLock(cfg.out_dir, f"rank-{rank}")  # held until this process ends
     if not lock.acquire():
@@ -224,6 +267,7 @@ def pretrain(args: list[str], strategy: Strategy = "auto") -> None:
     lp.validate = validate
     lp.RunningMean = _RunningMeanOverRanks
     lp.save_hyperparameters = partial(_save_hyperparameters, args)
+    lp.fit = preemption.saving_fit(getattr(lp.fit, "__wrapped__", lp.fit))
     CLI(lp.setup, args=args)
     if rank == 0 and torch.cuda.is_available():  # beside LitGPT's "Memory Used" (read by `MICRO=auto`)
         print(f"| - Device memory : {torch.cuda.get_device_properties(0).total_memory / 2**30:.2f} GiB")
@@ -232,10 +276,13 @@ def pretrain(args: list[str], strategy: Strategy = "auto") -> None:
 def main(argv: list[str] | None = None) -> None:
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto")
+    own.add_argument("--gpus_per_node", type=int, default=0, help="GPUs the job asked for: fail without them")
     ours, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    preemption.install()
     if int(os.environ.get("LOCAL_RANK", 0)) > 0:
         die_with_parent()  # a rank started by rank 0 goes when it goes
     try:
+        check_gpus(ours.gpus_per_node)
         pretrain(rest, ours.strategy)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

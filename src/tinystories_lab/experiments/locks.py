@@ -1,11 +1,14 @@
 """File locks that say who holds them: the queue's, and the ones a run holds while it trains.
 
 They are `flock` locks, so the OS drops them when every process holding one has exited (kill -9 and
-reboots included): a lock is never left behind by a dead process.
+reboots included): a lock is never left behind by a dead process. A file system without working flock
+(some Lustre and NFS mounts) is refused in one line; `TINYSTORIES_LAB_LOCK_DIR=<local folder>` then puts
+every lock there instead, named after the path it stands for.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -15,24 +18,64 @@ from pathlib import Path
 
 from tinystories_lab.errors import UserError
 
+LOCK_DIR_ENV = "TINYSTORIES_LAB_LOCK_DIR"
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # flock unsupported by the file system
+
+
+def lock_path(path: Path | str) -> Path:
+    """Where the lock standing for `path` lives: `path` itself, or under $TINYSTORIES_LAB_LOCK_DIR."""
+    folder = os.environ.get(LOCK_DIR_ENV)
+    if not folder or Path(path).absolute().parent == Path(folder).absolute():
+        return Path(path)
+    return Path(folder) / str(Path(path).absolute()).strip(os.sep).replace(os.sep, "%")
+
+
+def lock_files(folder: Path, pattern: str = "*.lock") -> list[Path]:
+    """The lock files of a folder (a run's), wherever `lock_path` puts them."""
+    where = lock_path(Path(folder) / pattern)
+    return list(where.parent.glob(where.name))
+
+
+def _flock(fd: int, path: Path, flags: int) -> None:
+    try:
+        fcntl.flock(fd, flags)
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno not in NO_LOCKS:
+            raise
+        os.close(fd)
+        raise UserError(
+            f"Cannot lock {path}: its file system does not support file locks ({e.strerror}); set "
+            f"{LOCK_DIR_ENV}=<a local folder, e.g. /tmp/tinystories-locks> to keep locks there."
+        ) from None
+
 
 class Lock:
-    """An exclusive lock on `path`; its holder writes "pid P on HOST since TIME" into the file."""
+    """An exclusive lock on `path`; its holder writes "pid P on HOST since TIME" into the file.
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
+    `shared`: a file every user of the machine may lock (mode 0666 whatever the umask)."""
+
+    def __init__(self, path: Path | str, shared: bool = False) -> None:
+        self.path = lock_path(path)
+        self.shared = shared
         self.fd: int | None = None
 
     def acquire(self) -> bool:
         """Take the lock without waiting; False if another process holds it."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 if self.shared else 0o644)
         except OSError as e:
             raise UserError(
                 f"Cannot create the lock file {self.path}: {e.strerror}; check that folder's permissions."
             ) from None
+        if self.shared:
+            try:
+                os.fchmod(fd, 0o666)
+            except PermissionError:  # another user's file: already shared when they made it
+                pass
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, self.path, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
@@ -91,12 +134,12 @@ class Lock:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
+            _flock(fd, self.path, fcntl.LOCK_EX | fcntl.LOCK_NB)  # closes fd when locks are unsupported
         except BlockingIOError:
-            return True
-        finally:
             os.close(fd)
+            return True
+        os.close(fd)
+        return False
 
     def __enter__(self) -> Lock:
         return self
@@ -111,9 +154,11 @@ class RunLock(Lock):
 
     def __init__(self, out_dir: Path, name: str = "runner") -> None:
         super().__init__(Path(out_dir) / f"{name}.lock")
+        self.out_dir = Path(out_dir)
 
     def acquire(self) -> bool:
         try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"Cannot create the run folder {self.path.parent}: {e.strerror}.") from None
@@ -122,7 +167,7 @@ class RunLock(Lock):
 
 def run_is_alive(out_dir: Path) -> bool:
     """Whether any process of a run (its runner or a training rank) still holds a lock in its folder."""
-    return any(Lock(p).is_held() for p in Path(out_dir).glob("*.lock"))
+    return any(Lock(p).is_held() for p in lock_files(out_dir))
 
 
 def _is_stopped(pid: str) -> bool:

@@ -23,7 +23,7 @@ from tinystories_lab.data.tokenizer import load_tokenizer
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import slurm
 from tinystories_lab.experiments.gpus import claim_gpus
-from tinystories_lab.experiments.locks import Lock, RunLock, run_is_alive
+from tinystories_lab.experiments.locks import Lock, RunLock, lock_files, run_is_alive
 from tinystories_lab.experiments.queue import (
     RUN_QUEUES,
     RUN_RECORD,
@@ -168,6 +168,7 @@ def check_ready(
 ) -> None:
     """Refuse to start when the config does not parse, cannot train on the entry's devices, its tokenizer
     or token files are missing, or its checkpoints cannot be resumed; for SLURM, what sbatch would refuse."""
+    check_local_nodes(entry)
     cfg = parse_config(entry["config"], *entry.get("args", []), *args)
     check_training(cfg.train, world_size(entry))
     if cfg.tokenizer_dir is None:
@@ -192,6 +193,17 @@ def check_ready(
                 "run give the micro batch with ARGS=--train.micro_batch_size=N."
             )
         slurm.check_request(entry)
+
+
+def check_local_nodes(entry: dict) -> None:
+    """Refuse `num_nodes > 1` on `environment: local`: the runner starts processes on this machine only,
+    and the ranks would wait 30 minutes for nodes that never come."""
+    nodes = entry.get("num_nodes", 1)
+    if nodes > 1 and not is_slurm(entry):
+        raise UserError(
+            f"{entry['name']}: num_nodes: {nodes} needs `environment: slurm` (the local runner starts "
+            "processes on this machine only)."
+        )
 
 
 def launch_command(entry: dict, logger: Logger | None, args: list[str]) -> list[str]:
@@ -678,11 +690,31 @@ def slurm_record(
     q = queue_of(model, queues or RUN_QUEUES)
     entry = find(q.load(), model)
     if event == "started":
-        _record(q, model, host=socket.gethostname(), started_at=now())
+        record_start(q, entry)
         return
     log = Path(entry.get("log") or "")
     tail = log.read_text(errors="replace").splitlines()[-ERROR_LINES:] if log.is_file() else []
     record_outcome(q, model, out_dir_of(entry), exit_code, tail, log)
+
+
+def record_start(queue: Queue, entry: dict) -> None:
+    """A SLURM job's start: its node and the step it resumes from (`start_step`). A requeued job that finds
+    no checkpoint newer than its previous start's made no progress and would loop forever: it is recorded
+    `failed` with the reason, and this exits 1 so the batch script stops instead of training again."""
+    name = entry["name"]
+    newest, _ = newest_loadable(out_dir_of(entry))
+    step = newest.step_count() if newest is not None else 0
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    if restarts and "start_step" in entry and step <= int(entry["start_step"]):
+        reason = (
+            f"SLURM job {entry.get('slurm_job')} came back (restart {restarts}) with no checkpoint newer "
+            f"than step {step}, where its previous start began: it would requeue forever without progress. "
+            f"Give it a longer slurm.time or a smaller --train.save_interval, then `make reset MODEL={name}`."
+        )
+        _finish(queue, name, status="failed", last_step=step, error=reason)
+        print(f"{name}: failed: {reason}", file=sys.stderr)
+        sys.exit(1)
+    _record(queue, name, host=socket.gethostname(), started_at=now(), start_step=step)
 
 
 def now() -> str:
@@ -705,7 +737,7 @@ def _signal_group(pgid: int, signum: int) -> None:
 def _wait_for_ranks(out_dir: Path, timeout: float = 60) -> None:
     """Until every training rank has exited (their locks are free), so the run is not taken as stale early."""
     deadline = time.monotonic() + timeout
-    while any(Lock(p).is_held() for p in out_dir.glob("rank-*.lock")) and time.monotonic() < deadline:
+    while any(Lock(p).is_held() for p in lock_files(out_dir, "rank-*.lock")) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -8,6 +8,7 @@ own start and outcome in the queue (`tinystories-lab slurm-record`).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -17,8 +18,10 @@ from typing import NamedTuple
 
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import out_dir_of
+from tinystories_lab.preemption import PREEMPTED_EXIT
 
-REQUEUE_SIGNAL_S = 120  # ask for SIGUSR1 this long before the time limit, to requeue in time
+REQUEUE_SIGNAL_S = 120  # ask for SIGUSR1 this long before the time limit, to save and requeue in time
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class JobState(NamedTuple):
@@ -35,7 +38,7 @@ def _slurm(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     if shutil.which(cmd[0]) is None:
         raise UserError(
             f"environment: slurm needs SLURM's `{cmd[0]}` on PATH: run on the cluster's login node, or start "
-            "a one-node cluster on this machine with `make slurm-local`."
+            "a cluster on this machine with `make slurm-local`."
         )
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
@@ -44,20 +47,39 @@ def _slurm(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def check_request(entry: dict) -> None:
-    """Refuse what sbatch would refuse or run wrongly: no SLURM, an unknown partition, GPUs per node that
-    are not one per device."""
+    """Refuse what sbatch would refuse or run wrongly: a value that would break the batch script, no
+    SLURM, an unknown partition, GPUs per node that are neither one per device nor 0 (a CPU partition)."""
     slurm = entry.get("slurm") or {}
+    check_values(entry)
     _slurm("sbatch", "--version")
     partition = slurm.get("partition")
     if partition is not None and not _slurm("sinfo", "-h", "-p", str(partition), "-o", "%P").stdout.strip():
         known = " ".join(_slurm("sinfo", "-h", "-o", "%P").stdout.split())
         raise UserError(f"{entry['name']}: SLURM has no partition {partition!r} (it has: {known}).")
-    gpus = slurm.get("gpus_per_node")
-    if gpus is not None and gpus != entry.get("devices", 1):
+    gpus = gpus_per_node(entry)
+    if gpus not in (0, entry.get("devices", 1)):
         raise UserError(
             f"{entry['name']}: slurm.gpus_per_node is {gpus} but devices is {entry.get('devices', 1)}; "
-            "one task trains on each GPU, so make them equal."
+            "one task trains on each GPU, so make them equal (or 0 for a CPU partition)."
         )
+
+
+def check_values(entry: dict) -> None:
+    """Refuse a newline or other control character in any `slurm:` value: each becomes an `#SBATCH` line,
+    and a newline would make the rest a shell line of the batch script."""
+    slurm = entry.get("slurm") or {}
+    for key, value in slurm.items():
+        for v in value if isinstance(value, list) else [value]:
+            if CONTROL_CHARACTERS.search(str(v)):
+                raise UserError(
+                    f"{entry['name']}: slurm.{key} holds a newline or control character ({str(v)!r}); "
+                    "write it on one line without them."
+                )
+
+
+def gpus_per_node(entry: dict) -> int:
+    """The GPUs a job asks for on each node: `slurm.gpus_per_node`, by default one per device."""
+    return int((entry.get("slurm") or {}).get("gpus_per_node", entry.get("devices", 1)))
 
 
 def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
@@ -75,9 +97,13 @@ def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
         f"--signal=B:USR1@{REQUEUE_SIGNAL_S}",
     ]
     for key, flag in (("partition", "partition"), ("time", "time"), ("account", "account"),
-                      ("gpus_per_node", "gpus-per-node"), ("cpus_per_task", "cpus-per-task")):  # fmt: skip
+                      ("cpus_per_task", "cpus-per-task")):  # fmt: skip
         if key in slurm:
             options.append(f"--{flag}={slurm[key]}")
+    gpus = gpus_per_node(entry)
+    if gpus:
+        options.append(f"--gpus-per-node={gpus}")
+        command = [*command[:3], f"--gpus_per_node={gpus}", *command[3:]]  # no GPU seen: fail at once
     options += [str(a) for a in slurm.get("sbatch_args", [])]
     record = [
         sys.executable,
@@ -94,16 +120,23 @@ def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
         f"# Written by tinystories-lab for experiment {name} of {queue}.",
         f"# Resubmit by hand: sbatch {out_dir}/job.sbatch",
         "",
-        "# Near the time limit (or on `scancel --batch --signal=USR1`) requeue: the next start resumes from",
-        "# the newest checkpoint that loads. SLURM ends this job as it requeues it.",
-        "requeued=",
-        'trap \'echo "requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID" && requeued=1\' USR1',
-        f"{shlex.join(record)} --event started",
+        "# The main address: the allocation's first node. srun does not inherit --cpus-per-task (22.05+).",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        '[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"',
+        "# Near the time limit (or on `scancel --batch --signal=USR1`) the ranks are told: each",
+        f"# saves at the next step boundary and exits with {PREEMPTED_EXIT}; then the job is requeued and",
+        "# resumes from that checkpoint. A start with no checkpoint newer than the previous start's fails.",
+        "signalled=",
+        'trap \'echo "USR1: the ranks save, then the job requeues"; signalled=1; kill -USR1 "$pid"\' USR1',
+        f"{shlex.join(record)} --event started || exit 1",
         f"srun --kill-on-bad-exit=1 {shlex.join(command)} &",
         "pid=$!",
         "# `wait` also returns when a trap runs: wait again while srun lives.",
         'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
-        '[ -n "$requeued" ] && exit 0',
+        f'if [ "$code" = {PREEMPTED_EXIT} ] || {{ [ -n "$signalled" ] && [ "$code" != 0 ]; }}; then',
+        '    echo "requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
         f'{shlex.join(record)} --event finished --exit_code "$code"',
         'exit "$code"',
         "",
