@@ -28,7 +28,8 @@ class JobState(NamedTuple):
     where: str
 
     def __str__(self) -> str:
-        return f"{self.state} on {self.where}" if self.state == "RUNNING" else f"{self.state} ({self.where})"
+        where = self.where.strip("()")  # squeue writes a pending job's reason as "(BeginTime)"
+        return f"{self.state} on {where}" if self.state == "RUNNING" else f"{self.state} ({where})"
 
 
 def _slurm(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -58,27 +59,37 @@ def check_request(entry: dict) -> None:
             f"{entry['name']}: slurm.gpus_per_node is {gpus} but devices is {entry.get('devices', 1)}; "
             "one task trains on each GPU, so make them equal."
         )
+    test = _slurm("sbatch", "--test-only", *_request_options(entry), "--wrap=true", check=False)
+    if test.returncode != 0:  # an option sbatch refuses (a bad time, an unknown account, ...)
+        reason = " ".join(test.stderr.replace("sbatch: error:", "").split())
+        raise UserError(
+            f"{entry['name']}: sbatch refuses its slurm: options ({reason}); fix them in the entry."
+        )
+
+
+def _request_options(entry: dict) -> list[str]:
+    """The sbatch options that the entry asks for: its size and its `slurm:` mapping."""
+    slurm = entry.get("slurm") or {}
+    options = [f"--nodes={entry.get('num_nodes', 1)}", f"--ntasks-per-node={entry.get('devices', 1)}"]
+    for key, flag in (("partition", "partition"), ("time", "time"), ("account", "account"),
+                      ("gpus_per_node", "gpus-per-node"), ("cpus_per_task", "cpus-per-task")):  # fmt: skip
+        if key in slurm:
+            options.append(f"--{flag}={slurm[key]}")
+    return options + [str(a) for a in slurm.get("sbatch_args", [])]
 
 
 def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
     """The sbatch script of an experiment: readable, and resubmittable by hand with `sbatch`."""
     name, out_dir = entry["name"], out_dir_of(entry).resolve()
-    slurm = entry.get("slurm") or {}
     options = [
         f"--job-name=ts-{name}",
-        f"--nodes={entry.get('num_nodes', 1)}",
-        f"--ntasks-per-node={entry.get('devices', 1)}",
         f"--chdir={Path.cwd()}",
         f"--output={out_dir}/logs/slurm-%j.out",
         "--open-mode=append",  # a requeued job goes on writing the same file
         "--requeue",
         f"--signal=B:USR1@{REQUEUE_SIGNAL_S}",
+        *_request_options(entry),
     ]
-    for key, flag in (("partition", "partition"), ("time", "time"), ("account", "account"),
-                      ("gpus_per_node", "gpus-per-node"), ("cpus_per_task", "cpus-per-task")):  # fmt: skip
-        if key in slurm:
-            options.append(f"--{flag}={slurm[key]}")
-    options += [str(a) for a in slurm.get("sbatch_args", [])]
     record = [
         sys.executable,
         "-m",
@@ -99,7 +110,7 @@ def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
         "requeued=",
         'trap \'echo "requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID" && requeued=1\' USR1',
         f"{shlex.join(record)} --event started",
-        f"srun --kill-on-bad-exit=1 {shlex.join(command)} &",
+        f"srun --label --kill-on-bad-exit=1 {shlex.join(command)} &",  # each line names its task
         "pid=$!",
         "# `wait` also returns when a trap runs: wait again while srun lives.",
         'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
