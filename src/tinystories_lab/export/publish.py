@@ -22,6 +22,7 @@ def publish(model: str, repo: str, private: bool = False, queues: list[Path] | N
     """
     import httpx
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     if not repo:
         raise UserError(f"Name the Hub repository: `make publish MODEL={model} REPO=your-name/{model}`.")
@@ -40,6 +41,10 @@ def publish(model: str, repo: str, private: bool = False, queues: list[Path] | N
         api.upload_folder(
             repo_id=repo, folder_path=folder, commit_message=f"Upload {entry['name']} (tinystories-lab)"
         )
+    except HfHubHTTPError as e:  # the Hub answered: a bad token, a name taken, ...
+        raise UserError(
+            f"The Hugging Face Hub refused the upload ({first_line(e)}); check the token and REPO."
+        ) from None
     except (httpx.TransportError, OSError, RuntimeError) as e:  # no network, DNS, a closed connection
         raise UserError(
             f"Could not reach the Hugging Face Hub ({type(e).__name__}: {first_line(e)}); publish again when "
