@@ -547,3 +547,39 @@ def test_a_finetune_into_a_pretraining_runs_folder_is_refused_first(tmp_path, ca
     code, _, err = run_cli(["finetune", "a", "--method", "full", "--out_dir", str(run)], capsys)
     assert code == 1 and "holds another run" in err and "not a fine-tune" in err, err
     assert sorted(p.name for p in run.iterdir()) == ["final", "run.yaml"]
+
+
+def slurm_answers():
+    if shutil.which("sinfo") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+
+
+@pytest.mark.skipif(
+    not slurm_answers(), reason="no SLURM cluster answers here (`make slurm-local` starts one)"
+)
+def test_ctrl_c_on_wait_is_one_line_and_the_job_goes_on(tmp_path, sample_data):
+    held = {"sbatch_args": ["--begin=now+1hour"]}  # pending for an hour: it never trains here
+    queue = write_queue(
+        tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "environment": "slurm", "slurm": held}]
+    )
+    proc = runner("run-specific", queue, "a", "--wait", "true", wait=False)
+    try:
+        lines = []
+        while not (lines and "PENDING" in lines[-1]):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        assert lines[-1].rstrip().endswith("PENDING (BeginTime)"), lines[-1]  # not "((BeginTime))"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        job = status(queue, "a")["slurm_job"]
+        assert proc.returncode == 130 and f"stopped waiting; SLURM job {job} goes on" in out, out
+        assert "Traceback" not in out and status(queue, "a")["status"] == "running"
+        cancelled = runner("cancel", queue, "a")
+        assert cancelled.returncode == 0 and status(queue, "a")["status"] == "todo", cancelled.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+        job = status(queue, "a").get("slurm_job")
+        if job is not None:
+            subprocess.run(["scancel", str(job)], capture_output=True)  # never leave it to train later
