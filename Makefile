@@ -23,6 +23,7 @@ LOGGER ?=
 OPTIONAL ?=
 DELETE ?=
 RESTART ?=
+RESIZE ?=
 WAIT ?=
 MICRO ?=
 TEXT ?=
@@ -50,7 +51,8 @@ NODES ?= 1
 QUEUES_FLAG = $(if $(QUEUE),--queues '[$(QUEUE)]')
 # PRECISION= joins the run's arguments, so it is recorded with them and kept when the run resumes.
 RUN_FLAGS = $(QUEUES_FLAG) --args='$(if $(PRECISION),--precision=$(PRECISION) )$(ARGS)' \
-	$(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) $(if $(MICRO),--micro_batch_size $(MICRO))
+	$(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) $(if $(MICRO),--micro_batch_size $(MICRO)) \
+	$(if $(RESIZE),--resize true)
 DEMO_QUEUE = --queues '[experiments.demo.yaml]'
 DEVICE_FLAG = $(if $(DEVICE),--device $(DEVICE))
 EVAL_TEXT_FLAGS = $(if $(TEXT),--text '$(TEXT)') $(if $(SOURCE),--source '$(SOURCE)') --data_dir $(DATA_DIR)
@@ -93,13 +95,13 @@ configs: ## Print every config's shape and true parameter count
 list: ## Show every experiment: architecture, parameters, status, progress, last val loss (QUEUE=)
 	$(LAB) list $(QUEUES_FLAG)
 
-run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 RESTART=1 WAIT=1)
+run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 RESTART=1 RESIZE=1 WAIT=1)
 	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true) $(if $(RESTART),--restart true)
 
-run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (ARGS= LOGGER= MICRO= PRECISION= RESTART=1 WAIT=1)
+run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (ARGS= LOGGER= MICRO= PRECISION= RESTART=1 RESIZE=1 WAIT=1)
 	$(LAB) run-specific '$(MODEL)' $(RUN_FLAGS) $(if $(RESTART),--restart true)
 
-run-all: ## Train every todo experiment in order, past failures (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 WAIT=1)
+run-all: ## Train every todo experiment in order, past failures (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 RESIZE=1 WAIT=1)
 	$(LAB) run-all $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
 
 reset: ## Put MODEL back to todo; checkpoints and arguments kept unless DELETE=1

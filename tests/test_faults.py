@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TOKENS_PER_STEP, UNPRIVILEGED, entry, runner, status, wait_for, write_queue
+import yaml
+from conftest import (
+    DEMO_CONFIGS,
+    ROOT,
+    TOKENS_PER_STEP,
+    UNPRIVILEGED,
+    entry,
+    runner,
+    status,
+    wait_for,
+    write_queue,
+)
 
 from tinystories_lab.cli import main
 from tinystories_lab.errors import UserError
@@ -25,7 +37,7 @@ from tinystories_lab.experiments import runner as runner_module
 from tinystories_lab.experiments.gpus import claim_gpus
 from tinystories_lab.experiments.locks import LOCK_DIR_ENV, RunLock, run_is_alive
 from tinystories_lab.experiments.queue import Queue
-from tinystories_lab.experiments.runs import write_run_file
+from tinystories_lab.experiments.runs import step_checkpoints, write_run_file
 
 
 def run_cli(argv, capsys):
@@ -366,3 +378,279 @@ def test_gpu_locks_are_keyed_by_uuid_and_shared_by_every_user():
         )  # fmt: skip
         assert result.returncode == 0 and result.stdout.strip() == "0", result.stderr
     shutil.rmtree(home)
+
+
+# 11. Round 2: run folders that are not the run's, orphans, refusals that change the queue (issue 26).
+
+
+def fake_checkpoint(folder, step, devices=1, micro=32, global_batch=32):
+    """A checkpoint folder as LitGPT leaves it, as far as the runner reads it (no training needed)."""
+    folder.mkdir(parents=True)
+    torch.save({"model": {}, "optimizer": {}, "iter_num": step, "step_count": step}, folder / "lit_model.pth")
+    train = {"micro_batch_size": micro, "global_batch_size": global_batch, "max_seq_length": 128}
+    (folder / "hyperparameters.yaml").write_text(
+        yaml.safe_dump({"devices": devices, "num_nodes": 1, "train": {**train, "max_tokens": 10**6}})
+    )
+
+
+def test_an_out_dir_holding_other_runs_is_refused_and_their_checkpoints_kept(tmp_path, sample_data, capsys):
+    runs = tmp_path / "runs"
+    for name in ("x", "y"):
+        fake_checkpoint(runs / name / "step-00000010", 10)
+        fake_checkpoint(runs / name / "final", 12)
+        write_run_file(runs / name, name, tmp_path / "q.yaml")
+    assert step_checkpoints(runs) == []  # only a run's own step-* folders, never its children's
+    parent = {**entry("p", tmp_path, sample_data), "out_dir": str(runs)}
+    queue = write_queue(tmp_path / "q.yaml", [parent])
+    before = queue.read_bytes()
+    for extra in ([], ["--restart", "true"]):
+        code, _, err = run_cli(["run-specific", "p", "--queues", f"[{queue}]", *extra], capsys)
+        assert code == 1 and f"{runs} holds other runs (x, y)" in err, err
+        assert queue.read_bytes() == before
+    for name in ("x", "y"):
+        assert (runs / name / "step-00000010" / "lit_model.pth").is_file() and (
+            runs / name / "final"
+        ).is_dir()
+    # An out_dir that is another experiment's run folder is refused too.
+    queue = write_queue(tmp_path / "q.yaml", [{**parent, "out_dir": str(runs / "x")}])
+    code, _, err = run_cli(["run-specific", "p", "--queues", f"[{queue}]"], capsys)
+    assert code == 1 and "is the run folder of experiment 'x'" in err, err
+
+
+def test_a_run_folder_belongs_to_the_queue_its_run_yaml_names(tmp_path, sample_data, capsys):
+    e = entry("mr", tmp_path, sample_data)
+    owner = write_queue(tmp_path / "q.yaml", [{**e, "status": "done"}])
+    other = write_queue(tmp_path / "q2.yaml", [e])
+    out = tmp_path / "runs" / "mr"
+    fake_checkpoint(out / "final", 12)
+    write_run_file(out, "mr", owner)
+    before = other.read_bytes()
+    for argv in (["reset", "mr", "--delete_checkpoints", "true"], ["run-specific", "mr"]):
+        code, _, err = run_cli([*argv, "--queues", f"[{other}]"], capsys)
+        assert code == 1 and f"belongs to mr of {owner}" in err and f"QUEUE={owner}" in err, err
+        assert other.read_bytes() == before and (out / "final" / "lit_model.pth").is_file()
+    code, _, _ = run_cli(["reset", "mr", "--delete_checkpoints", "true", "--queues", f"[{owner}]"], capsys)
+    assert code == 0 and not out.exists()
+
+
+def test_a_rank_dies_with_its_parent_even_during_its_imports(tmp_path):
+    env = {**os.environ, "TINYSTORIES_LAB_PARENT_PID": "1"}  # a parent that is not this process's
+    gone = subprocess.run(
+        [sys.executable, "-m", "tinystories_lab.pretrain"], env=env, capture_output=True, text=True
+    )
+    assert gone.returncode == 1 and "(pid 1) is gone; not training" in gone.stderr
+    assert "Traceback" not in gone.stderr
+    # A parent killed with -9 after the child armed: the kernel ends the child.
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, subprocess, sys, time\n"
+         "env = {**os.environ, 'TINYSTORIES_LAB_PARENT_PID': str(os.getpid())}\n"
+         "child = subprocess.Popen([sys.executable, '-c', 'import tinystories_lab.experiments.lifeline, time;"
+         " print(flush=True); time.sleep(300)'], env=env, stdout=subprocess.PIPE)\n"
+         "child.stdout.readline(); print(child.pid, flush=True); time.sleep(300)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: not os.path.exists(f"/proc/{child}"), 10)  # reaped by init once killed
+
+
+def test_cancel_signals_only_processes_that_hold_the_runs_locks(tmp_path, sample_data, capsys):
+    bystander = subprocess.Popen(["sleep", "300"])  # the dead runner's pid, now reused by another process
+    out = tmp_path / "runs" / "a"
+    out.mkdir(parents=True)
+    rank = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tinystories_lab.experiments.locks import RunLock\n"
+         "assert RunLock(sys.argv[1], 'rank-1').acquire(); print('locked', flush=True); time.sleep(300)",
+         str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert rank.stdout.readline().strip() == "locked"
+        running = {**entry("a", tmp_path, sample_data), "status": "running", "pid": bystander.pid}
+        queue = write_queue(tmp_path / "q.yaml", [{**running, "host": socket.gethostname()}])
+        code, _, err = run_cli(["run-specific", "a", "--queues", f"[{queue}]"], capsys)
+        assert (
+            code == 1 and f"runner pid {bystander.pid} is gone, but pid {rank.pid} holds rank-1.lock" in err
+        )
+        code, out_text, err = run_cli(["cancel", "a", "--queues", f"[{queue}]"], capsys)
+        assert code == 0 and f"stopped pid {rank.pid}" in out_text, err
+        assert rank.wait(timeout=10) == -signal.SIGTERM and bystander.poll() is None
+        assert status(queue, "a")["status"] == "todo"
+        # Nothing holds its locks any more: one line, no ProcessLookupError.
+        write_queue(queue, [{**running, "host": socket.gethostname(), "pid": 999999}])
+        code, _, err = run_cli(["cancel", "a", "--queues", f"[{queue}]"], capsys)
+        assert code == 1 and "a is not running" in err and "Traceback" not in err
+    finally:
+        for p in (bystander, rank):
+            p.kill()
+            p.wait()
+
+
+def test_a_resume_with_another_world_size_or_batch_is_refused_unless_asked(tmp_path, sample_data, capsys):
+    e = {**entry("a", tmp_path, sample_data), "attempts": 1}
+    out = tmp_path / "runs" / "a"
+    fake_checkpoint(out / "step-00000004", 4, devices=2, micro=16)
+    write_run_file(out, "a", tmp_path / "q.yaml")
+    queue = write_queue(tmp_path / "q.yaml", [e])
+    before = queue.read_bytes()
+    code, _, err = run_cli(["run-specific", "a", "--queues", f"[{queue}]"], capsys)
+    assert code == 1 and "world size (devices x num_nodes) 2 -> 1" in err, err
+    assert "micro batch 16 -> 32" in err
+    assert "RESIZE=1" in err and queue.read_bytes() == before
+    runner_module.check_ready(e, [], resize=True)  # asked for: allowed
+
+
+def test_a_refusal_after_the_claim_restores_the_entry_and_leaves_no_folder(
+    tmp_path, sample_data, monkeypatch, capsys
+):
+    def no_gpus(*_args):
+        raise runner_module.UserError("Not enough free GPUs: 1 asked for, 0 free.")
+
+    monkeypatch.setattr(runner_module, "claim_gpus", no_gpus)
+    queue = write_queue(tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "attempts": 2}])
+    before = [list(e.items()) for e in Queue(queue).load()]
+    code, _, err = run_cli(["run-specific", "a", "--queues", f"[{queue}]"], capsys)
+    assert code == 1 and "Not enough free GPUs" in err
+    assert [list(e.items()) for e in Queue(queue).load()] == before  # status todo, attempts 2, same order
+    assert not (tmp_path / "runs" / "a").exists()
+
+
+def test_slurm_options_are_checked_as_sbatch_would(tmp_path, sample_data):
+    e = {**entry("a", tmp_path, sample_data), "environment": "slurm"}
+    args = {"gpus_per_node": 0, "sbatch_args": ["--exclusive", "--mem=0"]}  # the local cluster has no GPU
+    queue = write_queue(tmp_path / "q.yaml", [{**e, "slurm": args}])
+    assert Queue(queue).load()[0]["slurm"]["sbatch_args"] == ["--exclusive", "--mem=0"]  # YAML's list type
+    write_queue(queue, [{**e, "slurm": {"sbatch_args": "--exclusive"}}])
+    with pytest.raises(runner_module.UserError, match="slurm.sbatch_args must be a list"):
+        Queue(queue).load()
+    if shutil.which("sbatch") is None:
+        pytest.skip("no sbatch here")
+    write_queue(queue, [{**e, "slurm": {"gpus_per_node": 0, "time": "bogus"}}])
+    before = queue.read_bytes()
+    result = runner("run-next", queue)
+    assert result.returncode == 1 and "sbatch refuses its slurm: options" in result.stderr, result.stderr
+    assert "time" in result.stderr and queue.read_bytes() == before and not (tmp_path / "runs" / "a").exists()
+
+
+def test_the_failure_reason_is_the_failing_tasks_first_real_error():
+    log = [
+        "0: /venv/lib/python3.11/site-packages/lightning/x.py:12: DeprecationWarning: `x` is deprecated",
+        "0:   warnings.warn(",
+        "1: Traceback (most recent call last):",
+        "0: Strategy: ddp over 2 processes",
+        '1:   File "/venv/lib/python3.11/site-packages/litgpt/utils.py", line 3, in <module>',
+        "1:     import mlflow",
+        "1: ModuleNotFoundError: No module named 'mlflow'",
+        "srun: error: ts-n1: task 1: Exited with exit code 1",
+        "0: UserWarning: something else",
+    ]
+    assert runner_module.failure_reason(log) == "ModuleNotFoundError: No module named 'mlflow'"
+    assert runner_module.failure_reason(["error: ts is trained by another process"]).startswith("error: ")
+    assert runner_module.failure_reason(["UserWarning: nothing", "loss 3.2"]) is None
+
+
+def test_list_shows_every_entry_and_marks_a_bad_one_in_one_line(tmp_path, sample_data, capsys):
+    bad = entry("bad", tmp_path, sample_data, extra=["--train.no_such_field=1"])
+    queue = write_queue(tmp_path / "q.yaml", [bad, entry("good", tmp_path, sample_data)])
+    code, out, err = run_cli(["list", "--queues", f"[{queue}]"], capsys)
+    assert code == 0 and "usage:" not in out + err
+    bad_row = next(line for line in out.splitlines() if line.startswith("bad "))
+    assert "cannot start:" in bad_row and "no_such_field" in bad_row
+    assert any(line.startswith("good ") and "4L_4H_128D" in line for line in out.splitlines())
+
+
+def test_the_finetune_log_is_written_line_by_line(tmp_path):
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from tinystories_lab.experiments.locks import RunLock\n"
+        "from tinystories_lab.finetune.run import run_logged\n"
+        "out = Path(sys.argv[1]); lock = RunLock(out); lock.acquire()\n"
+        "child = 'import time; print(\"step 1\", flush=True); time.sleep(300)'\n"
+        "run_logged([sys.executable, '-c', child], out, lock)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any("step 1" in p.read_text() for p in (tmp_path / "logs").glob("*.log")), 60)
+    finally:
+        proc.kill()  # kill -9: the log already holds the line
+        proc.wait()
+
+
+def test_offline_hub_and_text_refusals_are_one_line(tmp_path, capsys):
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_TOKEN": "x",
+    }
+    hub_model = ("eval-hf", "someone/not-cached")
+    publish = ("publish", "a", "me/a", "--queues", f"[{tmp_path / 'q.yaml'}]")
+    cases = [  # (arguments, extra environment, the refusal)
+        ((*hub_model, "--source", "sample"), {}, "must be downloaded from the Hugging Face"),
+        # (offline mode: the datasets library retries an unreachable Hub for half a minute, to the same end)
+        ((*hub_model, "--data_dir", str(tmp_path)), {"HF_HUB_OFFLINE": "1"}, "SOURCE=sample"),
+        (publish, {}, "Could not reach the Hugging Face"),
+    ]
+    export = tmp_path / "runs" / "a" / "hf"
+    export.mkdir(parents=True)
+    (export / "model.safetensors").write_bytes(b"")
+    write_queue(tmp_path / "q.yaml", [{"name": "a", "config": str(DEMO_CONFIGS["gpt_demo"]), "status": "done",
+                                       "out_dir": str(tmp_path / "runs" / "a")}])  # fmt: skip
+    for argv, extra_env, message in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "tinystories_lab.cli", *argv], env={**env, **extra_env},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 1 and message in result.stderr, (argv, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    code, _, err = run_cli(["eval-hf", "someone/not-cached", "--text", "/dev/null"], capsys)
+    assert code == 1 and "/dev/null is not a regular file" in err, err
+
+
+def test_a_finetune_into_a_pretraining_runs_folder_is_refused_first(tmp_path, capsys):
+    run = tmp_path / "runs" / "a"
+    fake_checkpoint(run / "final", 12)
+    write_run_file(run, "a", tmp_path / "q.yaml")
+    code, _, err = run_cli(["finetune", "a", "--method", "full", "--out_dir", str(run)], capsys)
+    assert code == 1 and "holds another run" in err and "not a fine-tune" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["final", "run.yaml"]
+
+
+def slurm_answers():
+    if shutil.which("sinfo") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+
+
+@pytest.mark.skipif(
+    not slurm_answers(), reason="no SLURM cluster answers here (`make slurm-local` starts one)"
+)
+def test_ctrl_c_on_wait_is_one_line_and_the_job_goes_on(tmp_path, sample_data):
+    # Pending for an hour: it never trains here.
+    held = {"gpus_per_node": 0, "sbatch_args": ["--begin=now+1hour"]}
+    queue = write_queue(
+        tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "environment": "slurm", "slurm": held}]
+    )
+    proc = runner("run-specific", queue, "a", "--wait", "true", wait=False)
+    try:
+        lines = []
+        while not (lines and "PENDING" in lines[-1]):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        assert lines[-1].rstrip().endswith("PENDING (BeginTime)"), lines[-1]  # not "((BeginTime))"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        job = status(queue, "a")["slurm_job"]
+        assert proc.returncode == 130 and f"stopped waiting; SLURM job {job} goes on" in out, out
+        assert "Traceback" not in out and status(queue, "a")["status"] == "running"
+        cancelled = runner("cancel", queue, "a")
+        assert cancelled.returncode == 0 and status(queue, "a")["status"] == "todo", cancelled.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+        job = status(queue, "a").get("slurm_job")
+        if job is not None:
+            subprocess.run(["scancel", str(job)], capture_output=True)  # never leave it to train later

@@ -22,15 +22,16 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
 Under SLURM each node's first process prints its node rank and the main address Fabric connects to.
 
 Every rank takes a lock in the run folder (`RunLock`), so the runner knows a run is alive until all its
-processes are gone, and ranks started by rank 0 die with it.
+processes are gone, and dies with the process that started it (`experiments/lifeline.py`).
 """
 
 from __future__ import annotations
 
+# First, before the imports that take seconds: a training process whose parent dies goes with it.
+import tinystories_lab.experiments.lifeline  # noqa: F401  # isort: skip
+
 import argparse
-import ctypes
 import os
-import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -181,12 +182,6 @@ def validate(
     return (total[0] / total[1]).float()
 
 
-def die_with_parent() -> None:
-    """Get SIGKILL when the parent process dies, so no orphan keeps training (Linux only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def rank_from_env(devices_per_node: int) -> int:
     """This process's global rank, as its launcher (SLURM, torchrun, or Fabric's rank 0) set it; 0 by hand."""
     env = os.environ
@@ -279,8 +274,6 @@ def main(argv: list[str] | None = None) -> None:
     own.add_argument("--gpus_per_node", type=int, default=0, help="GPUs the job asked for: fail without them")
     ours, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
     preemption.install()
-    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
-        die_with_parent()  # a rank started by rank 0 goes when it goes
     try:
         check_gpus(ours.gpus_per_node)
         pretrain(rest, ours.strategy)

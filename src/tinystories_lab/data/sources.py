@@ -40,6 +40,8 @@ def read_text_file(path: Path, separator: Separator | None = "eot") -> list[str]
     """
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a text file.")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file (a device, a pipe, ...); give a text file of stories.")
     if not path.is_file():
         raise UserError(f"Text file {path} does not exist.")
     try:
@@ -79,7 +81,11 @@ def data_command(source: str, data_dir: Path = Path("data")) -> str:
 
 
 def load_split(
-    source: str, split: str, data_dir: Path = Path("data"), separator: Separator = "eot"
+    source: str,
+    split: str,
+    data_dir: Path = Path("data"),
+    separator: Separator = "eot",
+    offline: str | None = None,
 ) -> list[str]:
     """The stories of one split ('train' or 'validation') of a source.
 
@@ -89,11 +95,12 @@ def load_split(
         split: 'train' or 'validation'.
         data_dir: The project's data folder.
         separator: How stories are separated in local text files: 'eot' or 'blank'.
+        offline: What to advise when TinyStories cannot be downloaded (default: training on local data).
     """
     if split not in SPLITS:
         raise UserError(f"Unknown split {split!r}: choose one of {', '.join(SPLITS)}.")
     if source == "tinystories":
-        return download_split(split, data_dir / "hf")
+        return download_split(split, data_dir / "hf", offline)
     folder = SAMPLE_DIR if source == "sample" else Path(source)
     if not folder.is_dir():
         raise UserError(
@@ -103,9 +110,9 @@ def load_split(
     return read_text_file(folder / f"{split}.txt", "eot" if source == "sample" else separator)
 
 
-def download_split(split: str, cache_dir: Path) -> list[str]:
+def download_split(split: str, cache_dir: Path, offline: str | None = None) -> list[str]:
     """One split of TinyStories from the Hugging Face Hub (cached; `datasets` shows progress)."""
-    offline = (
+    offline = offline or (
         "Without a network, train on the bundled sample (`make data-sample`) or on local text files "
         "(`tinystories-lab data --source path/to/folder`)."
     )

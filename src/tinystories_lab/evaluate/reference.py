@@ -86,7 +86,11 @@ def load_stories(
     """The stories `make eval` scores (a source's validation split, or a text file) and their description."""
     if text is not None:
         return read_text_file(text, separator), str(text)
-    return load_split(source, "validation", data_dir, separator or "eot"), validation_text(source)
+    offline = (
+        "Without a network, score the bundled sample's validation stories: SOURCE=sample "
+        "(`--source sample`), or a text file: TEXT=path."
+    )
+    return load_split(source, "validation", data_dir, separator or "eot", offline), validation_text(source)
 
 
 def load_hf(
@@ -110,7 +114,7 @@ def load_hf(
             hf, revision=revision, dtype=torch.float32, cache_dir=cache_dir, local_files_only=offline,
             output_loading_info=True,
         )  # fmt: skip
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: httpx's, for a connection lost midway
         raise UserError(f"Could not load the model {hf}: {_first_line(e)}") from None
     if info["missing_keys"]:
         raise UserError(
@@ -129,6 +133,21 @@ def load_hf(
             "trained with: --tokenizer HUB_ID_OR_FOLDER."
         ) from None
     return model.eval(), tok
+
+
+def check_downloadable(hf: str, revision: str | None, cache_dir: Path | None = None) -> None:
+    """Refuse at once a Hub model that is not cached while the Hub cannot be reached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(hf).is_dir():
+        return
+    cached = try_to_load_from_cache(hf, "config.json", cache_dir=cache_dir, revision=revision or "main")
+    reason = None if isinstance(cached, str) else hub_unreachable()
+    if reason:
+        raise UserError(
+            f"{hf} must be downloaded from the Hugging Face Hub, but {reason}. Run it where there is a "
+            "network (it stays cached for later offline runs), or score a local model folder: HF=path."
+        )
 
 
 def check_model_name(hf: str, revision: str | None) -> None:
@@ -319,6 +338,7 @@ def eval_hf(
     """
     check_model_name(hf, revision)
     stories, described = load_stories(source, data_dir, text, separator)
+    check_downloadable(hf, revision, cache_dir)
     result = score_hf(
         hf, stories, described, revision, tokenizer, tokenizer_revision, context, boundary, batch_size,
         device, cache_dir,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
 from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
+from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import slurm
 from tinystories_lab.experiments.queue import Queue, queue_files
 from tinystories_lab.experiments.runs import last_val_loss, newest_loadable, out_dir_of
@@ -13,8 +16,14 @@ from tinystories_lab.render import format_table
 
 
 def experiment_row(entry: dict) -> list[str]:
-    """One row: name, architecture, shape, true parameters, status, tokens done / max_tokens, val loss."""
-    cfg = parse_config(entry["config"], *entry.get("args", []), *entry.get("run_args", []))
+    """One row: name, architecture, shape, true parameters, status, tokens done / max_tokens, val loss.
+    An entry whose config or arguments LitGPT rejects gets a row saying so in one line."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as said:  # jsonargparse's usage dump
+            cfg = parse_config(entry["config"], *entry.get("args", []), *entry.get("run_args", []))
+    except UserError as e:
+        reason = _last_line(said.getvalue()) or str(e)
+        return [entry["name"], "-", "-", "-", status_text(entry), f"cannot start: {reason}", "-"]
     config = model_config(cfg)
     params = count_parameters(config, cfg.train.tie_embeddings)
     out_dir = out_dir_of(entry)
@@ -58,6 +67,12 @@ def list_experiments(queues: list[Path] | None = None) -> None:
     for path in queue_files(queues):
         print(f"{path}:")
         print(format_table([experiment_row(e) for e in Queue(path).load()], header) + "\n")
+
+
+def _last_line(text: str) -> str:
+    """jsonargparse's reason: the last line of what it printed ("error: Parser key ... ")."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1].removeprefix("error: ") if lines else ""
 
 
 def _tokens(n: int | None) -> str:

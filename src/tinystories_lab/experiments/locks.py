@@ -170,6 +170,35 @@ def run_is_alive(out_dir: Path) -> bool:
     return any(Lock(p).is_held() for p in lock_files(out_dir))
 
 
+def run_processes(out_dir: Path) -> dict[int, Path]:
+    """The live processes of a run on this host, each with the lock it holds: pids read from the held locks
+    and kept only if that process really has the lock file open (a pid may have been reused since)."""
+    found = {}
+    for path in sorted(Path(out_dir).glob("*.lock")):
+        parts = Lock(path).holder().split()
+        if Lock(path).is_held() and len(parts) > 1 and parts[0] == "pid" and parts[1].isdigit():
+            if holds_file(int(parts[1]), path):
+                found[int(parts[1])] = path
+    return found
+
+
+def holds_file(pid: int, path: Path) -> bool:
+    """Whether process `pid` (of this host) has `path` open: proof that the pid is still the process that
+    took a lock in it, and not a later process given the same pid."""
+    target = str(Path(path).resolve())
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _is_stopped(pid: str) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"

@@ -29,8 +29,8 @@ SLURM_FIELDS = {  # the optional `slurm:` mapping of an entry
     "sbatch_args": list,
 }  # fmt: skip
 RUN_RECORD = (  # what the runner records of a run: cleared when a new run starts
-    "host", "pid", "started_at", "finished_at", "last_step", "exit_code", "error", "log", "note", "slurm_job",
-    "cuda_visible_devices", "start_step",
+    "host", "pid", "started_at", "finished_at", "last_step", "exit_code", "failure_reason", "error", "log",
+    "note", "slurm_job", "cuda_visible_devices", "start_step",
 )  # fmt: skip
 RUNNER_FIELDS = (*RUN_RECORD, "attempts", "run_args", "run_logger")
 DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]  # what read-only verbs look in
@@ -153,10 +153,13 @@ def _validate_fields(entry: dict, where: str, check_configs: bool) -> None:
             kind = SLURM_FIELDS.get(key)
             if kind is None:
                 raise UserError(f"{where}: unknown slurm field {key!r}; use {', '.join(SLURM_FIELDS)}.")
-            # isinstance: ruamel loads a plain 0 as ScalarInt, an int subclass; bool is one too, and refused
-            fits = isinstance(value, kind) and type(value) is not bool
-            if not fits and not (kind is str and type(value) is int):
+            # isinstance: YAML loads lists as a list subclass; bool is an int subclass, never meant here.
+            if isinstance(value, bool) or not (
+                isinstance(value, kind) or (kind is str and isinstance(value, int))
+            ):
                 raise UserError(f"{where}: slurm.{key} must be a {kind.__name__}, not {value!r}.")
+        if not all(isinstance(a, str) for a in slurm.get("sbatch_args", [])):
+            raise UserError(f"{where}: slurm.sbatch_args must be a list of strings such as ['--exclusive'].")
 
 
 def queue_files(queues: list[Path] | None = None) -> list[Path]:

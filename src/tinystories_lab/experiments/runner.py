@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -23,7 +24,8 @@ from tinystories_lab.data.tokenizer import load_tokenizer
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import slurm
 from tinystories_lab.experiments.gpus import claim_gpus
-from tinystories_lab.experiments.locks import Lock, RunLock, lock_files, run_is_alive
+from tinystories_lab.experiments.lifeline import PARENT_PID, die_with_parent
+from tinystories_lab.experiments.locks import Lock, RunLock, lock_files, run_is_alive, run_processes
 from tinystories_lab.experiments.queue import (
     RUN_QUEUES,
     RUN_RECORD,
@@ -34,6 +36,7 @@ from tinystories_lab.experiments.queue import (
     queue_of,
 )
 from tinystories_lab.experiments.runs import (
+    check_run_folder,
     final_checkpoint,
     newest_loadable,
     out_dir_of,
@@ -43,9 +46,18 @@ from tinystories_lab.experiments.runs import (
     world_size,
     write_run_file,
 )
-from tinystories_lab.pretrain import die_with_parent
 
 Logger = Literal["csv", "tensorboard", "wandb"]
+
+
+class Claimed(NamedTuple):
+    """An entry taken for a run: its fields as now marked running, its lock, its fields before the claim
+    and whether its run folder was made by the claim (what `unclaim` restores)."""
+
+    entry: dict
+    lock: RunLock
+    before: dict
+    created: bool
 
 
 class Outcome(NamedTuple):
@@ -58,6 +70,7 @@ class Outcome(NamedTuple):
 
 
 ERROR_LINES = 15  # log lines kept in a failed entry
+REASON_LINES = 400  # log lines searched for the error that failed a run (the tasks' lines interleave)
 DISK_FULL_RETRY_S, DISK_FULL_WAIT_S = 5, 600  # retrying to record an outcome on a full disk
 
 
@@ -99,7 +112,8 @@ def claim(
     logger: Logger | None,
     restart: bool = False,
     micro_batch_size: Literal["auto"] | None = None,
-) -> tuple[dict, RunLock] | None:
+    resize: bool = False,
+) -> Claimed | None:
     """Under the queue lock, take the named (or next runnable) entry, check it can start, mark it running.
 
     The extra arguments and logger a run starts with are recorded in its entry (`run_args`,
@@ -119,6 +133,7 @@ def claim(
             candidates = [e for e in entries if is_runnable(e, include_optional)]
         for entry in candidates:
             out_dir = out_dir_of(entry)
+            check_run_folder(out_dir, entry["name"], queue.path)  # before the lock file goes into it
             created = not out_dir.exists()
             lock = RunLock(out_dir)
             if not lock.acquire():  # another runner got there first
@@ -126,7 +141,7 @@ def claim(
             run_args = args or list(entry.get("run_args", []))
             run_logger = logger or entry.get("run_logger")
             try:
-                check_ready(entry, run_args, restart, micro_batch_size)
+                check_ready(entry, run_args, restart, micro_batch_size, resize)
             except BaseException:
                 lock.release()
                 if created:  # leave no empty folder behind a refusal
@@ -140,6 +155,7 @@ def claim(
             if (run_args and not args) or (run_logger and not logger):
                 shown = shlex.join(run_args + ([f"--logger_name={run_logger}"] if run_logger else []))
                 print(f"{entry['name']}: resuming with the arguments it started with: {shown}")
+            before = dict(entry)  # in order: an undone claim leaves the file as it was
             for field in (*RUN_RECORD, "run_args", "run_logger"):
                 entry.pop(field, None)
             if run_args:
@@ -153,21 +169,52 @@ def claim(
                 attempts=int(entry.get("attempts", 0)) + 1,
                 started_at=now(),
             )
-            return dict(entry), lock
+            return Claimed(dict(entry), lock, before, created)
     return None
+
+
+def unclaim(queue: Queue, claimed: Claimed) -> None:
+    """Undo a claim whose run was refused before training: the entry's fields as they were, and no run folder
+    the claim made."""
+    with queue.edit(check_configs=False) as entries:
+        entry = find(entries, claimed.entry["name"])
+        for field in [f for f in entry if f not in claimed.before]:
+            del entry[field]
+        for position, (field, value) in enumerate(claimed.before.items()):
+            if field in entry:
+                entry[field] = value
+            else:
+                entry.insert(position, field, value)
+    claimed.lock.release()
+    if claimed.created:
+        shutil.rmtree(out_dir_of(claimed.entry), ignore_errors=True)
 
 
 def where_running(entry: dict) -> str:
     if is_slurm(entry):
         return f"SLURM job {entry.get('slurm_job')}"
-    return f"pid {entry.get('pid')} on {entry.get('host')}"
+    where = f"pid {entry.get('pid')} on {entry.get('host')}"
+    if entry.get("host") != socket.gethostname():
+        return where
+    processes = run_processes(out_dir_of(entry))
+    if entry.get("pid") in processes or not processes:
+        return where
+    held = ", ".join(f"pid {pid} holds {lock.name}" for pid, lock in processes.items())
+    return (
+        f"its runner pid {entry.get('pid')} is gone, but {held}; `make cancel MODEL={entry['name']}` ends it"
+    )
 
 
 def check_ready(
-    entry: dict, args: list[str], restart: bool = False, micro_batch_size: Literal["auto"] | None = None
+    entry: dict,
+    args: list[str],
+    restart: bool = False,
+    micro_batch_size: Literal["auto"] | None = None,
+    resize: bool = False,
 ) -> None:
     """Refuse to start when the config does not parse, cannot train on the entry's devices, its tokenizer
-    or token files are missing, or its checkpoints cannot be resumed; for SLURM, what sbatch would refuse."""
+    or token files are missing, its checkpoints cannot be resumed or were trained on another world size or
+    batch (unless `resize`); for SLURM, what sbatch would refuse."""
     check_local_nodes(entry)
     cfg = parse_config(entry["config"], *entry.get("args", []), *args)
     check_training(cfg.train, world_size(entry))
@@ -186,6 +233,8 @@ def check_ready(
         )
     if not restart:
         resume_point(out_dir_of(entry), say=lambda _: None)  # refuses to overwrite a finished run
+        if not resize:
+            check_same_batch(entry, cfg.train, micro_batch_size)
     if is_slurm(entry):
         if micro_batch_size == "auto":
             raise UserError(
@@ -203,6 +252,26 @@ def check_local_nodes(entry: dict) -> None:
         raise UserError(
             f"{entry['name']}: num_nodes: {nodes} needs `environment: slurm` (the local runner starts "
             "processes on this machine only)."
+        )
+
+
+def check_same_batch(entry: dict, train, micro_batch_size: Literal["auto"] | None = None) -> None:
+    """Refuse a resume whose world size, global batch or micro batch differs from the checkpoint's: it would
+    train another run (other optimizer steps and data order) under the same name."""
+    newest, _ = newest_loadable(out_dir_of(entry))
+    if newest is None:
+        return
+    saved = newest.hparams
+    changes = [("world size (devices x num_nodes)", world_size(saved), world_size(entry)),
+               ("global batch", saved["train"]["global_batch_size"], train.global_batch_size)]  # fmt: skip
+    if micro_batch_size != "auto":  # MICRO=auto keeps the micro batch the run started with
+        changes.append(("micro batch", saved["train"]["micro_batch_size"], train.micro_batch_size))
+    changed = [f"{what} {old} -> {new}" for what, old, new in changes if old != new]
+    if changed:
+        raise UserError(
+            f"{entry['name']}: its checkpoint {newest.folder.name} was trained with another batch "
+            f"({'; '.join(changed)}); resuming would change the training. Put the entry's devices/args back, "
+            "or resume anyway with RESIZE=1 (`--resize true`), or train from zero with RESTART=1."
         )
 
 
@@ -226,6 +295,7 @@ def child_env(logger: Logger | None, out_dir: Path, gpus: str | None = None) -> 
     """The training processes' environment: pinned GPUs, no inherited SLURM variables (a local run inside
     an allocation would otherwise make Fabric wait for srun's ranks), and offline W&B without an account."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env[PARENT_PID] = str(os.getpid())  # training dies with this runner (experiments/lifeline.py)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
     if logger == "wandb":
@@ -237,18 +307,30 @@ def child_env(logger: Logger | None, out_dir: Path, gpus: str | None = None) -> 
     return env
 
 
-def run_entry(
-    queue: Queue, entry: dict, lock: RunLock, restart: bool = False, auto_micro: bool = False
-) -> Outcome:
-    """Run (or submit) one claimed entry and record the outcome in the queue; then release its lock."""
+def run_entry(queue: Queue, claimed: Claimed, restart: bool = False, auto_micro: bool = False) -> Outcome:
+    """Run (or submit) one claimed entry and record the outcome in the queue; then release its lock.
+
+    A refusal before training starts (no free GPU, sbatch refusing the job, ...) undoes the claim."""
+    entry, lock = claimed.entry, claimed.lock
+    out_dir = out_dir_of(entry)
+    gpus, gpu_locks = None, []
     try:
-        out_dir = out_dir_of(entry)
-        write_run_file(out_dir, entry["name"], queue.path)
-        if restart:
-            delete_checkpoints(out_dir)
-        if is_slurm(entry):
-            return _submit(queue, entry)
-        return _run_local(queue, entry, lock, auto_micro)
+        try:
+            if not is_slurm(entry):
+                gpus, gpu_locks = claim_gpus(entry.get("devices", 1), entry.get("gpus"))
+            if auto_micro:
+                choose_micro_batch(queue, entry, child_env(entry.get("run_logger"), out_dir, gpus))
+            write_run_file(out_dir, entry["name"], queue.path)
+            if restart:
+                delete_checkpoints(out_dir)
+            if is_slurm(entry):
+                return _submit(queue, entry)
+        except UserError:
+            for gpu_lock in gpu_locks:
+                gpu_lock.release()
+            unclaim(queue, claimed)
+            raise
+        return _run_local(queue, entry, lock, gpus, gpu_locks)
     finally:  # only now: until the outcome is written, no other runner may take the entry as stale
         lock.release()
 
@@ -294,19 +376,16 @@ class RunLog:
                 pass
 
 
-def _run_local(queue: Queue, entry: dict, lock: RunLock, auto_micro: bool = False) -> Outcome:
+def _run_local(queue: Queue, entry: dict, lock: RunLock, gpus: str | None, gpu_locks: list[Lock]) -> Outcome:
     name, out_dir = entry["name"], out_dir_of(entry)
     logger = entry.get("run_logger")
-    gpus, gpu_locks = claim_gpus(entry.get("devices", 1), entry.get("gpus"))
     env = child_env(logger, out_dir, gpus)
-    if auto_micro:
-        choose_micro_batch(queue, entry, env)
     log_path = out_dir / "logs" / f"{datetime.now():%Y%m%d_%H%M%S}.log"
     cmd = launch_command(entry, logger, list(entry.get("run_args", [])))
     _record(queue, name, log=str(log_path), cuda_visible_devices=gpus)
 
     interrupted: list[int] = []
-    tail: deque[str] = deque(maxlen=ERROR_LINES)
+    tail: deque[str] = deque(maxlen=REASON_LINES)
     log = RunLog(log_path)
     header = f"$ {shlex.join(cmd)}\n# host {socket.gethostname()}, runner pid {os.getpid()}, {now()}\n"
     if gpus is not None:
@@ -376,11 +455,41 @@ def record_outcome(queue: Queue, name: str, out_dir: Path, code: int, tail: list
         _finish(queue, name, status="done", exit_code=0, last_step=step)
         print(f"{name}: done ({out_dir}/final).")
         return Outcome(name, "done", 0)
+    reason = failure_reason(tail)
     _finish(
-        queue, name, status="failed", exit_code=code, last_step=step, error="\n".join(tail[-ERROR_LINES:])
-    )
-    print(f"{name}: failed with exit code {code}; log: {log}", file=sys.stderr)
+        queue, name, status="failed", exit_code=code, last_step=step, failure_reason=reason,
+        error="\n".join(tail[-ERROR_LINES:]),
+    )  # fmt: skip
+    print(f"{name}: failed with exit code {code}" + (f" ({reason})" if reason else "") + f"; log: {log}",
+          file=sys.stderr)  # fmt: skip
     return Outcome(name, "failed", code or 1)
+
+
+_LABEL = re.compile(r"^\s*(\d+): ?(.*)$")  # `srun --label`: "<task>: <line>"
+_FAILED_TASK = re.compile(r"srun: error: .*\btasks? (\d+)(?:-\d+)?: (?:Exited with exit code [1-9]|Killed)")
+
+
+def failure_reason(lines: list[str]) -> str | None:
+    """The first real error line of a failed run's log: the exception a traceback ends with (such as
+    `ModuleNotFoundError: No module named 'mlflow'`), or an `error: ...` line, of the task srun says failed
+    (lines of `srun --label` carry their task); warnings and srun's own lines are skipped."""
+    failing = next((m.group(1) for m in map(_FAILED_TASK.search, lines) if m), None)
+    in_traceback: dict[str | None, bool] = {}
+    for line in lines:
+        match = _LABEL.match(line)
+        task, text = (match.group(1), match.group(2)) if match else (None, line)
+        if failing is not None and task is not None and task != failing:
+            continue
+        if text.startswith("srun:") or re.search(r"Warning: ", text):
+            continue
+        if text.startswith("Traceback (most recent call last)"):
+            in_traceback[task] = True
+        elif in_traceback.get(task):
+            if text and not text[0].isspace():
+                return text.strip()
+        elif text.startswith("error: "):
+            return text.strip()
+    return None
 
 
 def _submit(queue: Queue, entry: dict) -> Outcome:
@@ -396,17 +505,28 @@ def _submit(queue: Queue, entry: dict) -> Outcome:
 
 
 def wait_for_job(queue: Queue, name: str, poll_s: float = 2.0) -> Outcome:
-    """Block until a submitted experiment's job has ended and say how (for scripts: `--wait true`)."""
+    """Block until a submitted experiment's job has ended and say how (for scripts: `--wait true`). Ctrl-C
+    stops the waiting only: the job goes on."""
     shown = None
-    while True:
-        entry = find(queue.load(), name)
-        state = slurm.job_state(entry.get("slurm_job"))
-        if entry["status"] != "running" or state is None:
-            break
-        if str(state) != shown:
-            shown = str(state)
-            print(f"{name}: SLURM job {entry.get('slurm_job')} {shown}", flush=True)
-        time.sleep(poll_s)
+    job = None
+    try:
+        while True:
+            entry = find(queue.load(), name)
+            job = entry.get("slurm_job")
+            state = slurm.job_state(job)
+            if entry["status"] != "running" or state is None:
+                break
+            if str(state) != shown:
+                shown = str(state)
+                print(f"{name}: SLURM job {job} {shown}", flush=True)
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(
+            f"\n{name}: stopped waiting; SLURM job {job} goes on (`make list` shows it, "
+            f"`make cancel MODEL={name}` cancels it).",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     if entry["status"] == "running":  # the job left SLURM's list without recording how it ended
         entry = find(queue.load(), name)
     status = entry["status"]
@@ -461,6 +581,7 @@ def run_next(
     restart: bool = False,
     wait: bool = False,
     micro_batch_size: Literal["auto"] | None = None,
+    resize: bool = False,
 ) -> None:
     """Run the next runnable experiment: the first `todo` one, or a `running` one whose runner died.
 
@@ -474,10 +595,14 @@ def run_next(
         wait: For a SLURM experiment, block until its job has ended (local runs always block).
         micro_batch_size: 'auto': the largest micro batch whose real step fits this GPU (on a CPU, 16),
             recorded with the run's arguments; the global batch, hence the training, stays the same.
+        resize: Resume even though the world size, global or micro batch differs from the checkpoint's
+            (the training changes: other optimizer steps).
     """
     queues = queues or RUN_QUEUES
     for path in queues:
-        outcome = _run_one(Queue(path), None, args, logger, include_optional, restart, wait, micro_batch_size)
+        outcome = _run_one(
+            Queue(path), None, args, logger, include_optional, restart, wait, micro_batch_size, resize
+        )
         if outcome is not None:
             break
     if outcome is None:
@@ -494,6 +619,7 @@ def run_specific(
     restart: bool = False,
     wait: bool = False,
     micro_batch_size: Literal["auto"] | None = None,
+    resize: bool = False,
 ) -> None:
     """Run (or resume) one experiment by name, optional ones included.
 
@@ -506,9 +632,11 @@ def run_specific(
         wait: For a SLURM experiment, block until its job has ended (local runs always block).
         micro_batch_size: 'auto': the largest micro batch whose real step fits this GPU (on a CPU, 16),
             recorded with the run's arguments; the global batch, hence the training, stays the same.
+        resize: Resume even though the world size, global or micro batch differs from the checkpoint's
+            (the training changes: other optimizer steps).
     """
     queue = queue_of(model, queues or RUN_QUEUES)
-    outcome = _run_one(queue, model, args, logger, True, restart, wait, micro_batch_size)
+    outcome = _run_one(queue, model, args, logger, True, restart, wait, micro_batch_size, resize)
     if outcome.code:
         sys.exit(outcome.code)
 
@@ -520,6 +648,7 @@ def run_all(
     include_optional: bool = False,
     wait: bool = False,
     micro_batch_size: Literal["auto"] | None = None,
+    resize: bool = False,
 ) -> None:
     """Run every runnable experiment in order, going on past failures; exit non-zero if any failed.
 
@@ -532,13 +661,16 @@ def run_all(
         include_optional: Also run entries marked `optional: true` (the baselines).
         wait: Block until every submitted SLURM job has ended.
         micro_batch_size: 'auto': for each run, the largest micro batch whose real step fits this GPU.
+        resize: Resume runs whose world size, global or micro batch differs from their checkpoint's.
     """
     queues = queues or RUN_QUEUES
     outcomes: list[Outcome] = []
     try:
         for q in map(Queue, queues):
             while (
-                outcome := _run_one(q, None, args, logger, include_optional, micro=micro_batch_size)
+                outcome := _run_one(
+                    q, None, args, logger, include_optional, micro=micro_batch_size, resize=resize
+                )
             ) is not None:
                 outcomes.append(outcome)
                 if outcome.status == "stopped":
@@ -570,7 +702,12 @@ def _failed_hint(queues: list[Path]) -> str:
     failed = [e for e in load_entries(queues) if e["status"] == "failed"]
     if not failed:
         return ""
-    names = ", ".join(f"{e['name']} (exit {e.get('exit_code')})" for e in failed)
+    names = ", ".join(
+        f"{e['name']} (exit {e.get('exit_code')}"
+        + (f": {e['failure_reason']}" if e.get("failure_reason") else "")
+        + ")"
+        for e in failed
+    )
     return (
         f" Failed: {names}; `make reset MODEL=<name>` puts one back to todo, keeping its checkpoints and "
         "arguments."
@@ -593,12 +730,13 @@ def _run_one(
     restart: bool = False,
     wait: bool = False,
     micro: Literal["auto"] | None = None,
+    resize: bool = False,
 ) -> Outcome | None:
-    claimed = claim(queue, name, include_optional, shlex.split(args), logger, restart, micro)
+    claimed = claim(queue, name, include_optional, shlex.split(args), logger, restart, micro, resize)
     if claimed is None:
         return None
-    entry, lock = claimed
-    outcome = run_entry(queue, entry, lock, restart, auto_micro=micro == "auto")
+    entry = claimed.entry
+    outcome = run_entry(queue, claimed, restart, auto_micro=micro == "auto")
     if wait and outcome.status == "submitted":
         return wait_for_job(queue, entry["name"])
     return outcome
@@ -649,6 +787,7 @@ def check_deletable(out_dir: Path, name: str, queue: Queue) -> None:
             f"{out_dir} was not made by the runner for {name} (no run.yaml naming it); delete it by hand "
             "if you mean it."
         )
+    check_run_folder(out_dir, name, queue.path)  # only from the queue file that owns it
 
 
 def cancel(model: str, queues: list[Path] | None = None) -> None:
@@ -669,8 +808,30 @@ def cancel(model: str, queues: list[Path] | None = None) -> None:
         return
     if entry.get("host") != socket.gethostname():
         raise UserError(f"{model} runs on {entry.get('host')}; cancel it there.")
-    os.kill(int(entry["pid"]), signal.SIGTERM)  # the runner stops training and puts the entry back
-    print(f"{model}: sent SIGTERM to its runner (pid {entry['pid']}); it goes back to todo when stopped.")
+    # Signal only processes proven to be this run's (they hold its locks): a pid may have been reused.
+    processes = run_processes(out_dir_of(entry))
+    if entry.get("pid") in processes:
+        pids = [entry["pid"]]  # the runner stops training and puts the entry back
+    else:  # the runner is gone: stop what is left of the run (training processes it left behind)
+        pids = list(processes)
+    stopped = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(str(pid))
+        except ProcessLookupError:  # ended meanwhile
+            pass
+    if not stopped:
+        raise UserError(
+            f"{model} is not running: no process holds its locks any more (status {entry['status']})."
+        )
+    if pids == [entry.get("pid")]:
+        print(f"{model}: sent SIGTERM to its runner (pid {entry['pid']}); it goes back to todo when stopped.")
+        return
+    _finish(q, model, status="todo", note=f"runner gone; stopped processes {', '.join(stopped)}")
+    print(
+        f"{model}: its runner (pid {entry.get('pid')}) is gone; stopped pid {', '.join(stopped)}; now todo."
+    )
 
 
 def slurm_record(
@@ -693,7 +854,7 @@ def slurm_record(
         record_start(q, entry)
         return
     log = Path(entry.get("log") or "")
-    tail = log.read_text(errors="replace").splitlines()[-ERROR_LINES:] if log.is_file() else []
+    tail = log.read_text(errors="replace").splitlines()[-REASON_LINES:] if log.is_file() else []
     record_outcome(q, model, out_dir_of(entry), exit_code, tail, log)
 
 

@@ -75,7 +75,8 @@ def world_size(hparams: dict) -> int:
 
 def step_checkpoints(out_dir: Path) -> list[Checkpoint]:
     """`step-*` checkpoints, newest first: the candidates LitGPT's `--resume auto` chooses from."""
-    found = [Checkpoint(p) for p in out_dir.rglob("step-*/*.pth")] if out_dir.is_dir() else []
+    # The run's own folders only, never those of runs below it (check_run_folder refuses such an out_dir).
+    found = [Checkpoint(p) for p in out_dir.glob("step-*/lit_model.pth")] if out_dir.is_dir() else []
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
@@ -137,18 +138,64 @@ RUN_FILE = "run.yaml"
 
 
 def write_run_file(out_dir: Path, name: str, queue: Path) -> None:
-    """Mark a folder as the run of experiment `name` (what `reset DELETE=1` checks before deleting it)."""
+    """Mark a folder as the run of experiment `name` of queue file `queue` (what `reset DELETE=1` and every
+    run check before touching it)."""
     path = out_dir / RUN_FILE
     if not path.is_file():
-        path.write_text(yaml.safe_dump({"experiment": name, "queue": str(queue)}, sort_keys=False))
+        record = {"experiment": name, "queue": str(Path(queue).resolve())}
+        path.write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+def read_run_file(out_dir: Path) -> dict:
+    """What the folder's run file says (experiment, queue); {} when there is none or it does not parse."""
+    try:
+        record = yaml.safe_load((out_dir / RUN_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether a folder holds a run: the runner's run file, LitGPT checkpoints or a `final/`."""
+    try:
+        return (
+            (folder / RUN_FILE).is_file()
+            or (folder / "final").is_dir()
+            or any(p.is_dir() for p in folder.glob("step-*"))
+        )
+    except OSError:
+        return False
+
+
+def check_run_folder(out_dir: Path, name: str, queue: Path) -> None:
+    """Refuse a run folder that is not experiment `name`'s of queue file `queue`: one whose run file names
+    another experiment or queue file (the same name in two queues), or a parent folder of other runs."""
+    record = read_run_file(out_dir)
+    owner = record.get("queue")
+    if record and record.get("experiment") != name:
+        raise UserError(
+            f"{out_dir} is the run folder of experiment {record.get('experiment')!r} ({owner}), not of "
+            f"{name}; give {name} its own out_dir."
+        )
+    if owner is not None and Path(owner).resolve() != Path(queue).resolve():
+        raise UserError(
+            f"{out_dir} belongs to {name} of {owner} (its run.yaml), not of {queue}; use --queues "
+            f"'[{owner}]' (make: QUEUE={owner}), or give {name} of {queue} its own out_dir."
+        )
+    try:
+        others = sorted(c.name for c in out_dir.iterdir() if c.is_dir() and is_run_folder(c))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        others = []
+    if others:
+        raise UserError(
+            f"{out_dir} holds other runs ({', '.join(others)}): it cannot be {name}'s run folder; give "
+            f"{name} an out_dir of its own, such as {out_dir / name}."
+        )
 
 
 def run_file_names(out_dir: Path, name: str) -> bool:
     """Whether the folder holds the run file the runner wrote for experiment `name`."""
-    try:
-        return (yaml.safe_load((out_dir / RUN_FILE).read_text()) or {}).get("experiment") == name
-    except (OSError, yaml.YAMLError, AttributeError):
-        return False
+    return read_run_file(out_dir).get("experiment") == name
 
 
 class Point(NamedTuple):

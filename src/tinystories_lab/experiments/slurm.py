@@ -31,7 +31,8 @@ class JobState(NamedTuple):
     where: str
 
     def __str__(self) -> str:
-        return f"{self.state} on {self.where}" if self.state == "RUNNING" else f"{self.state} ({self.where})"
+        where = self.where.strip("()")  # squeue writes a pending job's reason as "(BeginTime)"
+        return f"{self.state} on {where}" if self.state == "RUNNING" else f"{self.state} ({where})"
 
 
 def _slurm(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,6 +63,25 @@ def check_request(entry: dict) -> None:
             f"{entry['name']}: slurm.gpus_per_node is {gpus} but devices is {entry.get('devices', 1)}; "
             "one task trains on each GPU, so make them equal (or 0 for a CPU partition)."
         )
+    test = _slurm("sbatch", "--test-only", *_request_options(entry), "--wrap=true", check=False)
+    if test.returncode != 0:  # an option sbatch refuses (a bad time, an unknown account, ...)
+        reason = " ".join(test.stderr.replace("sbatch: error:", "").split())
+        raise UserError(
+            f"{entry['name']}: sbatch refuses its slurm: options ({reason}); fix them in the entry."
+        )
+
+
+def _request_options(entry: dict) -> list[str]:
+    """The sbatch options that the entry asks for: its size and its `slurm:` mapping."""
+    slurm = entry.get("slurm") or {}
+    options = [f"--nodes={entry.get('num_nodes', 1)}", f"--ntasks-per-node={entry.get('devices', 1)}"]
+    for key, flag in (("partition", "partition"), ("time", "time"), ("account", "account"),
+                      ("cpus_per_task", "cpus-per-task")):  # fmt: skip
+        if key in slurm:
+            options.append(f"--{flag}={slurm[key]}")
+    if gpus_per_node(entry):
+        options.append(f"--gpus-per-node={gpus_per_node(entry)}")
+    return options + [str(a) for a in slurm.get("sbatch_args", [])]
 
 
 def check_values(entry: dict) -> None:
@@ -85,26 +105,18 @@ def gpus_per_node(entry: dict) -> int:
 def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
     """The sbatch script of an experiment: readable, and resubmittable by hand with `sbatch`."""
     name, out_dir = entry["name"], out_dir_of(entry).resolve()
-    slurm = entry.get("slurm") or {}
     options = [
         f"--job-name=ts-{name}",
-        f"--nodes={entry.get('num_nodes', 1)}",
-        f"--ntasks-per-node={entry.get('devices', 1)}",
         f"--chdir={Path.cwd()}",
         f"--output={out_dir}/logs/slurm-%j.out",
         "--open-mode=append",  # a requeued job goes on writing the same file
         "--requeue",
         f"--signal=B:USR1@{REQUEUE_SIGNAL_S}",
+        *_request_options(entry),
     ]
-    for key, flag in (("partition", "partition"), ("time", "time"), ("account", "account"),
-                      ("cpus_per_task", "cpus-per-task")):  # fmt: skip
-        if key in slurm:
-            options.append(f"--{flag}={slurm[key]}")
     gpus = gpus_per_node(entry)
-    if gpus:
-        options.append(f"--gpus-per-node={gpus}")
-        command = [*command[:3], f"--gpus_per_node={gpus}", *command[3:]]  # no GPU seen: fail at once
-    options += [str(a) for a in slurm.get("sbatch_args", [])]
+    if gpus:  # a process that sees fewer GPUs than asked for fails at once, not on CPUs
+        command = [*command[:3], f"--gpus_per_node={gpus}", *command[3:]]
     record = [
         sys.executable,
         "-m",
@@ -129,7 +141,7 @@ def batch_script(entry: dict, queue: Path, command: list[str]) -> str:
         "signalled=",
         'trap \'echo "USR1: the ranks save, then the job requeues"; signalled=1; kill -USR1 "$pid"\' USR1',
         f"{shlex.join(record)} --event started || exit 1",
-        f"srun --kill-on-bad-exit=1 {shlex.join(command)} &",
+        f"srun --label --kill-on-bad-exit=1 {shlex.join(command)} &",  # each line names its task
         "pid=$!",
         "# `wait` also returns when a trap runs: wait again while srun lives.",
         'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinystories_lab.errors import UserError
+from tinystories_lab.errors import UserError, first_line
 from tinystories_lab.experiments.runs import out_dir_of
 from tinystories_lab.models import select_experiments
 
@@ -20,7 +20,9 @@ def publish(model: str, repo: str, private: bool = False, queues: list[Path] | N
         private: Create the repository as private.
         queues: Queue files to look the name up in (default: experiments.yaml and experiments.demo.yaml).
     """
+    import httpx
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     if not repo:
         raise UserError(f"Name the Hub repository: `make publish MODEL={model} REPO=your-name/{model}`.")
@@ -34,8 +36,18 @@ def publish(model: str, repo: str, private: bool = False, queues: list[Path] | N
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"{folder} holds no export; run `make export MODEL={entry['name']}` first.")
     api = HfApi(token=token)
-    url = api.create_repo(repo, private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo, folder_path=folder, commit_message=f"Upload {entry['name']} (tinystories-lab)"
-    )
+    try:
+        url = api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo, folder_path=folder, commit_message=f"Upload {entry['name']} (tinystories-lab)"
+        )
+    except HfHubHTTPError as e:  # the Hub answered: a bad token, a name taken, ...
+        raise UserError(
+            f"The Hugging Face Hub refused the upload ({first_line(e)}); check the token and REPO."
+        ) from None
+    except (httpx.TransportError, OSError, RuntimeError) as e:  # no network, DNS, a closed connection
+        raise UserError(
+            f"Could not reach the Hugging Face Hub ({type(e).__name__}: {first_line(e)}); publish again when "
+            "this machine is online."
+        ) from None
     print(f"{entry['name']}: {folder} -> {url}")

@@ -24,11 +24,11 @@ import yaml
 from litgpt import Config
 
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.lifeline import die_with_parent
 from tinystories_lab.experiments.locks import RunLock
-from tinystories_lab.experiments.runs import resume_point
+from tinystories_lab.experiments.runs import is_run_folder, resume_point
 from tinystories_lab.finetune.data import SPLIT_FILES, data_instruct
 from tinystories_lab.models import FINETUNE_DIR, is_finetune, select_checkpoints
-from tinystories_lab.pretrain import die_with_parent
 
 Method = Literal["lora", "full"]
 PROMPT_STYLE = "phi-2"  # LitGPT's shortest built-in template: "Instruct: {instruction}\nOutput:"
@@ -156,6 +156,12 @@ def finetune(
     """
     if method not in ("lora", "full"):
         raise UserError(f"Unknown fine-tuning method {method!r}: choose 'lora' or 'full'.")
+    if out_dir is not None and is_run_folder(out_dir) and not (out_dir / "base").is_dir():
+        # every fine-tune folder has its base/; LitGPT would fail on a pretraining checkpoint's state
+        raise UserError(
+            f"{out_dir} holds another run (a pretraining run's checkpoints or run.yaml), not a fine-tune; "
+            "give --out_dir a folder of its own or leave it out (experiments/finetune/<run>-<data>-<method>)."
+        )
     name, checkpoint_dir = select_checkpoints(model, queues)[0]
     if is_finetune(checkpoint_dir):
         raise UserError(
@@ -253,7 +259,7 @@ def run_logged(cmd: list[str], out_dir: Path, lock: RunLock) -> int:
     lock too and dies with us (Linux), so no orphan trains on."""
     log_path = out_dir / "logs" / f"{datetime.now():%Y%m%d_%H%M%S}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line by line: the log survives a kill -9
         started = datetime.now().isoformat(timespec="seconds")
         header = f"$ {shlex.join(cmd)}\n# host {socket.gethostname()}, {started}\n"
         print(header, end="", flush=True)
