@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jsonargparse import CLI, set_docstring_parse_options
+from jsonargparse import CLI, set_parsing_settings
 
 from tinystories_lab.bench.encoding import bench_data
 from tinystories_lab.bench.gpu_check import gpu_check
@@ -101,7 +101,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     """Run a verb; a `UserError` becomes one line on stderr and exit status 1."""
-    set_docstring_parse_options(attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         CLI(COMMANDS, args=argv)
     except UserError as e:
