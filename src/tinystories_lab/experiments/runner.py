@@ -32,8 +32,10 @@ from tinystories_lab.experiments.queue import (
     find,
     load_entries,
     queue_of,
+    set_seeds,
 )
 from tinystories_lab.experiments.runs import (
+    Checkpoint,
     final_checkpoint,
     newest_loadable,
     out_dir_of,
@@ -184,7 +186,13 @@ def check_ready(
             f"has a vocabulary of {vocab:,}; raise model_config.padded_vocab_size or use a smaller tokenizer."
         )
     if not restart:
-        resume_point(out_dir_of(entry), say=lambda _: None)  # refuses to overwrite a finished run
+        ckpt = resume_point(out_dir_of(entry), say=lambda _: None)  # refuses to overwrite a finished run
+        if ckpt is not None and cfg.seed != Checkpoint(ckpt).hparams.get("seed", cfg.seed):
+            raise UserError(
+                f"{entry['name']} runs with seed {cfg.seed}, but its checkpoints in {out_dir_of(entry)} were "
+                f"trained with seed {Checkpoint(ckpt).hparams['seed']}; put that seed first in its seeds:, "
+                "or train it from zero with RESTART=1."
+            )
     if is_slurm(entry):
         if micro_batch_size == "auto":
             raise UserError(
@@ -231,7 +239,7 @@ def run_entry(
     """Run (or submit) one claimed entry and record the outcome in the queue; then release its lock."""
     try:
         out_dir = out_dir_of(entry)
-        write_run_file(out_dir, entry["name"], queue.path)
+        write_run_file(out_dir, entry["name"], queue.path, entry.get("seed"))
         if restart:
             delete_checkpoints(out_dir)
         if is_slurm(entry):
@@ -482,11 +490,12 @@ def run_specific(
     restart: bool = False,
     wait: bool = False,
     micro_batch_size: Literal["auto"] | None = None,
+    seeds: int | None = None,
 ) -> None:
-    """Run (or resume) one experiment by name, optional ones included.
+    """Run (or resume) one experiment by name, optional ones included; with `seeds`, each of its seeds.
 
     Args:
-        model: The experiment's name in the queues.
+        model: The experiment's name in the queues (or one seed's run: `<name>-seed<s>`).
         queues: Queue files, searched in order (default: experiments.yaml).
         args: Extra `litgpt pretrain` arguments, e.g. "--train.max_tokens=1000000".
         logger: Logger to use instead of the config's: csv, tensorboard or wandb.
@@ -494,11 +503,31 @@ def run_specific(
         wait: For a SLURM experiment, block until its job has ended (local runs always block).
         micro_batch_size: 'auto': the largest micro batch whose real step fits this GPU (on a CPU, 16),
             recorded with the run's arguments; the global batch, hence the training, stays the same.
+        seeds: Give the experiment this many seeds (its `seeds:` in the queue: those it has, then the next
+            integers after its config's seed) and train or resume each one that is not done yet.
     """
-    queue = queue_of(model, queues or RUN_QUEUES)
-    outcome = _run_one(queue, model, args, logger, True, restart, wait, micro_batch_size)
-    if outcome.code:
-        sys.exit(outcome.code)
+    queues = queues or RUN_QUEUES
+    queue = queue_of(model, queues)
+    if seeds is None:
+        outcome = _run_one(queue, model, args, logger, True, restart, wait, micro_batch_size)
+        if outcome.code:
+            sys.exit(outcome.code)
+        return
+    entry = find(queue.load(), model)
+    base = parse_config(entry["config"], *entry.get("args", [])).seed
+    outcomes = []
+    for name in set_seeds(queue, model, seeds, base):
+        if find(queue.load(), name)["status"] == "done" and not restart:
+            print(f"{name} is done already.")
+            continue
+        outcomes.append(_run_one(queue, name, args, logger, True, restart, wait, micro_batch_size))
+        if outcomes[-1].status == "stopped":
+            break
+    for o in outcomes:
+        print(f"{o.name}: {o.status}" + (f" (exit {o.code})" if o.code else ""))
+    failed = [o for o in outcomes if o.code]
+    if failed:
+        sys.exit(failed[-1].code)
 
 
 def run_all(
