@@ -10,9 +10,10 @@ from conftest import entry, runner, status, write_queue
 
 from tinystories_lab.cli import main
 from tinystories_lab.configs import parse_config
+from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.seeds import summarize, t_quantile, welch
-from tinystories_lab.experiments.queue import Queue
+from tinystories_lab.experiments.queue import Queue, set_seeds
 
 # Known values, from SciPy 1.17.1: scipy.stats.t.ppf, t.interval and ttest_ind(equal_var=False).
 GPT = [3.830, 3.845, 3.821]
@@ -61,6 +62,20 @@ def test_seeds_expand_into_distinct_runs_sharing_the_config(tmp_path, sample_dat
     assert [status(queue, n)["status"] for n in ("a", "a-seed43", "a-seed44")] == ["todo", "done", "todo"]
     raw = yaml.safe_load(queue.read_text())["experiments"][0]
     assert raw["status"] == "todo" and raw["seed_runs"] == {43: {"status": "done", "attempts": 1}}
+
+
+def test_seeds_n_extends_an_experiment_and_keeps_its_first_run(tmp_path, sample_data):
+    done = {**entry("a", tmp_path, sample_data), "status": "done", "attempts": 1}
+    queue = write_queue(tmp_path / "q.yaml", [done])
+    assert set_seeds(Queue(queue), "a", 3, base=42) == ["a", "a-seed43", "a-seed44"]
+    assert "    seeds: [42, 43, 44]\n" in queue.read_text()  # flow style, after config
+    assert [status(queue, n)["status"] for n in ("a", "a-seed43", "a-seed44")] == ["done", "todo", "todo"]
+    assert status(queue, "a")["attempts"] == 1
+    before = queue.read_bytes()
+    for name, count, message in (("a", 2, "has 3 seeds"), ("a-seed43", 3, "MODEL=a."), ("b", 3, "Unknown")):
+        with pytest.raises(UserError, match=message):
+            set_seeds(Queue(queue), name, count, base=42)
+    assert queue.read_bytes() == before
 
 
 @pytest.mark.parametrize(
