@@ -143,7 +143,12 @@ def write_run_file(out_dir: Path, name: str, queue: Path, seed: int | None = Non
     path = out_dir / RUN_FILE
     fields = {"experiment": name, "queue": str(queue)}
     if path.is_file():
-        fields = yaml.safe_load(path.read_text()) or fields
+        try:
+            fields = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            fields = None
+        if not isinstance(fields, dict):
+            return  # not ours to rewrite: `reset DELETE=1` then refuses to delete the folder
     if seed is not None:
         fields["seed"] = seed
         fields["seed_sets"] = {what: arg.format(seed) for what, arg in SEED_ARGS.items()}
