@@ -269,7 +269,7 @@ def expand(entries: list[dict]) -> list[dict]:
 
 
 def set_seeds(queue: Queue, name: str, count: int, base: int) -> list[str]:
-    """Give experiment `name` `count` seeds (`SEEDS=N`): the seeds it has, then the integers after the last
+    """Give experiment `name` `count` seeds (`SEEDS=N`): the seeds it has, then the integers after the largest
     (from `base`, its config's seed, when it has none). Returns the names of its seeds' runs."""
     if count < 1:
         raise UserError(f"SEEDS must be a positive number of seeds, not {count}.")
