@@ -48,8 +48,9 @@ BENCH_OUT ?= benchmarks/results
 # QUEUE=file limits every target that takes experiments to that queue file; without it the run targets
 # use experiments.yaml and the others experiments.yaml and experiments.demo.yaml.
 QUEUES_FLAG = $(if $(QUEUE),--queues '[$(QUEUE)]')
-RUN_FLAGS = $(QUEUES_FLAG) --args='$(ARGS)' $(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) \
-	$(if $(MICRO),--micro_batch_size $(MICRO))
+# PRECISION= joins the run's arguments, so it is recorded with them and kept when the run resumes.
+RUN_FLAGS = $(QUEUES_FLAG) --args='$(if $(PRECISION),--precision=$(PRECISION) )$(ARGS)' \
+	$(if $(LOGGER),--logger $(LOGGER)) $(if $(WAIT),--wait true) $(if $(MICRO),--micro_batch_size $(MICRO))
 DEMO_QUEUE = --queues '[experiments.demo.yaml]'
 DEVICE_FLAG = $(if $(DEVICE),--device $(DEVICE))
 EVAL_TEXT_FLAGS = $(if $(TEXT),--text '$(TEXT)') $(if $(SOURCE),--source '$(SOURCE)') --data_dir $(DATA_DIR)
@@ -92,13 +93,13 @@ configs: ## Print every config's shape and true parameter count
 list: ## Show every experiment: architecture, parameters, status, progress, last val loss (QUEUE=)
 	$(LAB) list $(QUEUES_FLAG)
 
-run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS=, LOGGER=, OPTIONAL=1, RESTART=1, WAIT=1)
+run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 RESTART=1 WAIT=1)
 	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true) $(if $(RESTART),--restart true)
 
-run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (SEEDS=3: each of 3 seeds; ARGS=, LOGGER=, RESTART=1, WAIT=1)
+run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (SEEDS=3: each of 3 seeds; ARGS= LOGGER= MICRO= PRECISION= RESTART=1 WAIT=1)
 	$(LAB) run-specific '$(MODEL)' $(RUN_FLAGS) $(if $(RESTART),--restart true) $(if $(SEEDS),--seeds $(SEEDS))
 
-run-all: ## Train every todo experiment in order, past failures (ARGS=, LOGGER=, OPTIONAL=1, WAIT=1)
+run-all: ## Train every todo experiment in order, past failures (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 WAIT=1)
 	$(LAB) run-all $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
 
 reset: ## Put MODEL back to todo; checkpoints and arguments kept unless DELETE=1

@@ -1,12 +1,31 @@
 """`make bench` works end to end (a tool test, not a speed test)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import torch
+from conftest import DEMO_CONFIGS, ROOT
+from litgpt import GPT
+
+from tinystories_lab.bench import precision
+from tinystories_lab.configs import parse_config
+
+
+def demo_flops_per_token(name: str = "gpt_demo") -> float:
+    """6N + 12 L H Q T for a demo model, N counted on LitGPT's own GPT (the tied weight once), so a wrong
+    parameter count or FLOP formula in the benchmark code fails the comparison."""
+    cfg = parse_config(DEMO_CONFIGS[name])
+    config = cfg.model_config
+    with torch.device("meta"):
+        model = GPT(config)
+    if cfg.train.tie_embeddings:  # as `litgpt pretrain` ties them
+        model.lm_head.weight = model.transformer.wte.weight
+    n = sum(p.numel() for p in model.parameters())  # a shared Parameter is yielded once
+    return 6 * n + 12 * config.n_layer * config.n_head * config.head_size * cfg.train.max_seq_length
 
 
 @pytest.mark.slow
@@ -30,11 +49,15 @@ def test_make_bench_reports_both_paths_ratio_and_mfu(sample_data, tmp_path):
     [r] = report["results"]
     assert r["model"] == "gpt_demo" and r["precision"] == "32-true"
     for side in ("project", "bare"):
-        assert r[side]["tokens_per_s"] > 0
-        assert 0 < r[side]["mfu"] < 1
-        assert r[side]["peak_memory_gib"] > 0
+        s = r[side]
+        assert s["tokens_per_s"] * s["step_seconds"] == pytest.approx(32 * 128)  # gpt_demo: 32 x 128 a step
+        assert s["mfu"] == pytest.approx(
+            s["tokens_per_s"] * demo_flops_per_token() / report["peak_flops"]["fp32"]
+        )
+        assert s["peak_memory_gib"] > 0
+    # Both paths train the same tokens a step, so the speed ratio is the inverse ratio of step times.
     assert r["ratio_project_over_bare"] == pytest.approx(
-        r["project"]["tokens_per_s"] / r["bare"]["tokens_per_s"]
+        r["bare"]["step_seconds"] / r["project"]["step_seconds"]
     )
     assert 0 <= r["data_wait_share"] < 1
     # Same seed, init, batches, LR schedule and optimizer: the bare loop trains exactly as LitGPT does.
@@ -43,12 +66,28 @@ def test_make_bench_reports_both_paths_ratio_and_mfu(sample_data, tmp_path):
     assert (tmp_path / path.name.replace(".json", ".md")).read_text().count("gpt_demo") == 1
 
 
-def test_precision_prints_one_choice_and_its_reason():
+def test_precision_prints_the_choice_its_measured_ratio_implies():
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "tinystories-lab"), "precision"], capture_output=True, text=True
+        [str(Path(sys.executable).parent / "tinystories-lab"), "precision", "--device", "cpu"],
+        capture_output=True,
+        text=True,
     )
-    assert result.returncode == 0 and result.stdout in ("32-true\n", "bf16-mixed\n")
-    assert result.stderr.startswith(f"Training precision: {result.stdout.strip()} (")
+    assert result.returncode == 0, result.stderr
+    ratio = float(re.search(r"run at ([\d.]+)x the fp32 rate", result.stderr).group(1))
+    expected = "bf16-mixed" if ratio >= precision.BF16_SPEEDUP else "32-true"
+    if abs(ratio - precision.BF16_SPEEDUP) > 0.05:  # the printed ratio is rounded to one decimal
+        assert result.stdout == expected + "\n"
+    assert result.stderr.startswith(f"Training precision: {result.stdout.strip()} (bf16 matrix products")
+
+
+@pytest.mark.parametrize(
+    "bf16_over_fp32, expected", [(3.0, "bf16-mixed"), (2.0, "bf16-mixed"), (1.2, "32-true")]
+)
+def test_cpu_precision_follows_the_measured_bf16_speedup(monkeypatch, bf16_over_fp32, expected):
+    rates = {torch.float32: 1e11, torch.bfloat16: bf16_over_fp32 * 1e11}
+    monkeypatch.setattr(precision, "peak_flops", lambda device, dtype, repeats: rates[dtype])
+    choice, why = precision.choose_precision(torch.device("cpu"))
+    assert choice == expected and f"{bf16_over_fp32:.1f}x" in why
 
 
 @pytest.mark.slow
@@ -79,8 +118,10 @@ def test_gpu_check_runs_on_a_cpu_in_its_small_form_and_reports_every_field(sampl
     [v] = report["variants"]
     assert v["model"] == "gpt_demo" and v["micro_batch_size"] == v["global_batch_size"] == 2
     assert v["seq_len"] == 128 and v["steps"] == 2 and v["compile"] is False
-    assert v["tokens_per_s"] > 0 and 0 < v["mfu_measured_peak"] < 1 and v["mfu_datasheet_peak"] is None
-    assert 0 < v["peak_memory_gib"] < 16 and v["fits_memory_target"] is True
+    mfu = v["tokens_per_s"] * demo_flops_per_token() / report["peak_flops_measured"]
+    assert v["mfu_measured_peak"] == pytest.approx(mfu) and v["mfu_datasheet_peak"] is None
+    # At least the fp32 weights, gradients and two AdamW moments (16 bytes a parameter, 1.84M of them).
+    assert 16 * 1.84e6 / 2**30 < v["peak_memory_gib"] < 16 and v["fits_memory_target"] is True
     assert len(v["loss_first_last"]) == 2 and v["loss_first_last"][0] > 8  # ~ln(8192) at initialisation
     d = report["demo"]
     assert d["model"] == "gpt_demo" and d["steps"] == 4

@@ -10,11 +10,10 @@ import torch
 import yaml
 from litgpt import Tokenizer
 
-from tinystories_lab.cli import main
+from tinystories_lab.cli import evaluate, main
 from tinystories_lab.data.sources import load_split
 from tinystories_lab.data.tokens import tokens_dir_for
 from tinystories_lab.errors import UserError
-from tinystories_lab.evaluate.perplexity import evaluate
 from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.samples import sample
 from tinystories_lab.models import load_trained

@@ -11,8 +11,8 @@ import pytest
 import torch
 from litgpt import GPT, Config
 
+from tinystories_lab.cli import evaluate
 from tinystories_lab.errors import UserError
-from tinystories_lab.evaluate.perplexity import evaluate
 from tinystories_lab.evaluate.samples import INSTRUCTIONS, sample
 from tinystories_lab.experiments.locks import RunLock
 from tinystories_lab.export.exporter import export

@@ -1,4 +1,4 @@
-"""`make help` stays true: it lists every target the Makefile defines."""
+"""`make help` stays true: it lists every target the Makefile defines; variables reach the CLI."""
 
 import re
 import subprocess
@@ -12,3 +12,10 @@ def test_make_help_lists_every_target():
     listed = {line.split()[0] for line in out.splitlines() if line.strip()}
     assert set(targets) == listed
     assert subprocess.run(["make", "-s"], cwd=ROOT, capture_output=True, text=True).stdout == out  # default
+
+
+def test_precision_reaches_every_run_target_as_a_recorded_argument():
+    for target in ("run-next", "run-specific", "run-all"):
+        cmd = ["make", "-n", target, "MODEL=gpt_demo", "PRECISION=bf16-true", "ARGS=--train.max_tokens=64"]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        assert "--args='--precision=bf16-true --train.max_tokens=64'" in out, out

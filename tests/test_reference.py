@@ -204,7 +204,7 @@ def test_data_counts_validation_stories_found_in_training(sample_data, tmp_path,
 @pytest.fixture(scope="module")
 def scored(trained_demos, tmp_path_factory) -> dict:
     """Both demo runs evaluated by `make eval` (eval.json) and exported, their exports scored by eval-hf."""
-    from tinystories_lab.evaluate.perplexity import evaluate
+    from tinystories_lab.cli import evaluate
     from tinystories_lab.export.exporter import export_checkpoint
 
     out = tmp_path_factory.mktemp("scored")

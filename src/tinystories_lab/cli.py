@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from jsonargparse import CLI, set_docstring_parse_options
 
@@ -13,8 +14,9 @@ from tinystories_lab.bench.precision import precision
 from tinystories_lab.bench.training import bench, bench_sweep
 from tinystories_lab.configs import configs
 from tinystories_lab.data.prepare import prepare
+from tinystories_lab.data.sources import Separator
 from tinystories_lab.errors import UserError
-from tinystories_lab.evaluate.perplexity import evaluate
+from tinystories_lab.evaluate.perplexity import evaluate_runs
 from tinystories_lab.evaluate.reference import eval_hf, eval_reference
 from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.samples import sample
@@ -24,8 +26,47 @@ from tinystories_lab.experiments.runner import cancel, reset, run_all, run_next,
 from tinystories_lab.export.exporter import export
 from tinystories_lab.export.publish import publish
 from tinystories_lab.finetune.data import data_instruct
+from tinystories_lab.finetune.evaluate import evaluate_finetunes
 from tinystories_lab.finetune.run import finetune
+from tinystories_lab.hardware import resolve_device
 from tinystories_lab.interpret.run import interpret, interpret_compare
+from tinystories_lab.models import is_finetune, select_checkpoints
+
+
+def evaluate(
+    model: str | None = None,
+    text: Path | None = None,
+    separator: Separator | None = None,
+    queues: list[Path] | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> list[dict]:
+    """Evaluate finished experiments on their final checkpoint; write eval.json next to each run.
+
+    Loss and perplexity cover the whole validation split (every token predicted once); bits per byte
+    divides the total loss in bits by the UTF-8 bytes of the evaluated stories, so it compares across
+    tokenizers. Training throughput, training-loop time and the tokens needed to first reach a few validation
+    losses come from the run's metrics. A fine-tune (`make finetune`) is evaluated against the weights it
+    started from: loss per response token on its held-out instructions, and loss on stories, before and after.
+
+    Args:
+        model: One experiment's name, or a checkpoint folder (a run's, or a fine-tune's under
+            experiments/finetune/) (default: every `done` experiment in the queues).
+        text: Evaluate this text file instead of the validation split; written to eval-<file name>.json.
+        separator: How stories are separated in `text`: 'eot' or 'blank' (default: 'eot' if the file
+            holds <|endoftext|> lines, else 'blank').
+        queues: Queue files to look in (default: experiments.yaml and experiments.demo.yaml).
+        batch_size: Windows per forward pass.
+        device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
+    """
+    device = resolve_device(device)
+    checkpoints = [checkpoint_dir for _, checkpoint_dir in select_checkpoints(model, queues)]
+    tuned = [c for c in checkpoints if is_finetune(c)]
+    runs = [c for c in checkpoints if c not in tuned]
+    return evaluate_runs(runs, text, separator, batch_size, device) + evaluate_finetunes(
+        tuned, text, separator, batch_size, device
+    )
+
 
 COMMANDS = {
     "configs": configs,

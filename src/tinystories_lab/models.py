@@ -132,6 +132,12 @@ def checkpoint_folder(path: Path) -> Path | None:
     return None
 
 
+def is_finetune(checkpoint_dir: Path) -> bool:
+    """Whether a checkpoint folder was written by LitGPT's fine-tuning (it records its base checkpoint)."""
+    hparams = checkpoint_dir / "hyperparameters.yaml"
+    return hparams.is_file() and "checkpoint_dir" in (yaml.safe_load(hparams.read_text()) or {})
+
+
 def results_dir(checkpoint_dir: Path) -> Path:
     """Where eval.json, samples and hf/ of a checkpoint go: the run's (or fine-tune's) folder for its
     final/, else the checkpoint's own folder (a step-* checkpoint's results never pass for the run's)."""

@@ -128,14 +128,16 @@ class _Lightning:
             with torch.autocast(logits.device.type, dtype=torch.bfloat16):
                 return chunked_cross_entropy(logits, targets, *args, **kwargs)
         return chunked_cross_entropy(logits, targets, *args, **kwargs)
-        return chunked_cross_entropy(logits, targets, *args, **kwargs)
 
 
 class _RunningMeanOverRanks(RunningMean):
-    """LitGPT's running training loss, averaged over every rank when computed."""
+    """LitGPT's running training loss, averaged over every rank when computed.
 
-    def __init__(self, window: int, sync_on_compute: bool = False, **kwargs) -> None:
-        super().__init__(window=window, sync_on_compute=True, **kwargs)
+    LitGPT asks for `sync_on_compute=False`, so each rank would log its own loss; this always syncs.
+    """
+
+    def __init__(self, window: int, **kwargs) -> None:
+        super().__init__(window=window, **{**kwargs, "sync_on_compute": True})
 
 
 @torch.no_grad()

@@ -18,8 +18,7 @@ from tinystories_lab.data.sources import Separator, read_text_file
 from tinystories_lab.data.tokens import encode_stories, stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, metrics_files, read_curves, world_size
-from tinystories_lab.hardware import resolve_device
-from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints, training_data
+from tinystories_lab.models import TrainedModel, load_trained, results_dir, training_data
 from tinystories_lab.render import format_table
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
@@ -159,46 +158,17 @@ def evaluate_run(
     return result | training_summary(checkpoint_dir.parent, trained.hparams, thresholds)
 
 
-def evaluate(
-    model: str | None = None,
+def evaluate_runs(
+    checkpoint_dirs: list[Path],
     text: Path | None = None,
     separator: Separator | None = None,
-    queues: list[Path] | None = None,
     batch_size: int = 16,
-    device: str = "auto",
+    device: str = "cpu",
 ) -> list[dict]:
-    """Evaluate finished experiments on their final checkpoint; write eval.json next to each run.
-
-    Loss and perplexity cover the whole validation split (every token predicted once); bits per byte
-    divides the total loss in bits by the UTF-8 bytes of the evaluated stories, so it compares across
-    tokenizers. Training throughput, training-loop time and the tokens needed to first reach a few validation
-    losses come from the run's metrics. A fine-tune (`make finetune`) is evaluated against the weights it
-    started from: loss per response token on its held-out instructions, and loss on stories, before and after.
-
-    Args:
-        model: One experiment's name, or a checkpoint folder (a run's, or a fine-tune's under
-            experiments/finetune/) (default: every `done` experiment in the queues).
-        text: Evaluate this text file instead of the validation split; written to eval-<file name>.json.
-        separator: How stories are separated in `text`: 'eot' or 'blank' (default: 'eot' if the file
-            holds <|endoftext|> lines, else 'blank').
-        queues: Queue files to look in (default: experiments.yaml and experiments.demo.yaml).
-        batch_size: Windows per forward pass.
-        device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.
-    """
-    from tinystories_lab.finetune.evaluate import evaluate_finetune  # not at the top: it imports this module
-    from tinystories_lab.finetune.run import is_finetune
-
-    device = resolve_device(device)
-    results, tuned = [], []
-    for _, checkpoint_dir in select_checkpoints(model, queues):
-        if is_finetune(checkpoint_dir):
-            result = evaluate_finetune(checkpoint_dir, text, separator, batch_size, device)
-            tuned.append(result)
-        else:
-            result = evaluate_run(checkpoint_dir, text, separator, batch_size, device)
-            results.append(result)
-        name = "eval.json" if text is None else f"eval-{text.stem}.json"
-        (results_dir(checkpoint_dir) / name).write_text(json.dumps(result, indent=2) + "\n")
+    """Evaluate pretraining runs (`make eval`), write eval.json next to each and print their table."""
+    results = [evaluate_run(c, text, separator, batch_size, device) for c in checkpoint_dirs]
+    for checkpoint_dir, result in zip(checkpoint_dirs, results):
+        write_result(checkpoint_dir, text, result)
     if results:
         header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "train time"]
         rows = [
@@ -209,18 +179,10 @@ def evaluate(
             for r in results
         ]  # fmt: skip
         print(format_table(rows, header))
-    if tuned:
-        header = [
-            "fine-tune",
-            "method",
-            "held-out instruction loss before -> after",
-            "story loss before -> after",
-        ]
-        rows = [
-            [r["name"], r["method"],
-             f"{r['instruction_loss_before']:.4f} -> {r['instruction_loss_after']:.4f}",
-             f"{r['story_loss_before']:.4f} -> {r['story_loss_after']:.4f}"]
-            for r in tuned
-        ]  # fmt: skip
-        print(format_table(rows, header))
-    return results + tuned
+    return results
+
+
+def write_result(checkpoint_dir: Path, text: Path | None, result: dict) -> None:
+    """An evaluation's result in the run's folder: eval.json, or eval-<file name>.json for `text`."""
+    name = "eval.json" if text is None else f"eval-{text.stem}.json"
+    (results_dir(checkpoint_dir) / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,7 @@ import yaml
 from tinystories_lab.configs import count_parameters
 from tinystories_lab.experiments.runs import Checkpoint, is_current, world_size
 from tinystories_lab.export.parity import Parity
-from tinystories_lab.models import TrainedModel
+from tinystories_lab.models import TrainedModel, is_finetune
 from tinystories_lab.render import table
 
 STYLE = {
@@ -28,8 +28,6 @@ CITATION = """@article{eldan2023tinystories,
 def model_card(trained: TrainedModel, hf_cfg: dict, parity: Parity, run_dir: Path) -> str:
     """The card's Markdown. Evaluation results and samples come from `run_dir/eval.json` and
     `run_dir/samples.json` (written by `make eval` and `make sample`) when they exist."""
-    from tinystories_lab.finetune.run import is_finetune
-
     name, arch = trained.name, hf_cfg["architectures"][0]
     params = count_parameters(trained.config, trained.tie_embeddings)
     tuned = is_finetune(trained.checkpoint_dir)

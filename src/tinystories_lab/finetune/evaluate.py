@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from tinystories_lab.data.sources import Separator
 from tinystories_lab.errors import UserError
-from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_split
+from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_split, write_result
 from tinystories_lab.models import TrainedModel, load_trained, results_dir
+from tinystories_lab.render import format_table
 
 
 def instruction_data(checkpoint_dir: Path) -> JSON:
@@ -97,3 +98,31 @@ def evaluate_finetune(
         "story_loss_after": story_after,
         "story_bits_per_byte_after": story_after / math.log(2) * n_tokens / n_bytes,
     }
+
+
+def evaluate_finetunes(
+    checkpoint_dirs: list[Path],
+    text: Path | None = None,
+    separator: Separator | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> list[dict]:
+    """Evaluate fine-tunes (`make eval`), write eval.json next to each and print their table."""
+    results = [evaluate_finetune(c, text, separator, batch_size, device) for c in checkpoint_dirs]
+    for checkpoint_dir, result in zip(checkpoint_dirs, results):
+        write_result(checkpoint_dir, text, result)
+    if results:
+        header = [
+            "fine-tune",
+            "method",
+            "held-out instruction loss before -> after",
+            "story loss before -> after",
+        ]
+        rows = [
+            [r["name"], r["method"],
+             f"{r['instruction_loss_before']:.4f} -> {r['instruction_loss_after']:.4f}",
+             f"{r['story_loss_before']:.4f} -> {r['story_loss_after']:.4f}"]
+            for r in results
+        ]  # fmt: skip
+        print(format_table(rows, header))
+    return results

@@ -27,18 +27,12 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.locks import RunLock
 from tinystories_lab.experiments.runs import resume_point
 from tinystories_lab.finetune.data import SPLIT_FILES, data_instruct
-from tinystories_lab.models import FINETUNE_DIR, select_checkpoints
+from tinystories_lab.models import FINETUNE_DIR, is_finetune, select_checkpoints
 from tinystories_lab.pretrain import die_with_parent
 
 Method = Literal["lora", "full"]
 PROMPT_STYLE = "phi-2"  # LitGPT's shortest built-in template: "Instruct: {instruction}\nOutput:"
 LEARNING_RATE = {"lora": 1e-3, "full": 2e-4}
-
-
-def is_finetune(checkpoint_dir: Path) -> bool:
-    """Whether a checkpoint folder was written by LitGPT's fine-tuning (it records its base checkpoint)."""
-    hparams = checkpoint_dir / "hyperparameters.yaml"
-    return hparams.is_file() and "checkpoint_dir" in (yaml.safe_load(hparams.read_text()) or {})
 
 
 def is_finished(out_dir: Path) -> bool:
