@@ -26,6 +26,7 @@ RESTART ?=
 RESIZE ?=
 WAIT ?=
 MICRO ?=
+SEEDS ?=
 TEXT ?=
 GPT ?=
 LLAMA ?=
@@ -60,7 +61,7 @@ BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) 
 	--out_dir $(BENCH_OUT) $(DEVICE_FLAG) $(QUEUES_FLAG)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo \
+.PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo demo-seeds \
 	eval eval-hf eval-reference sample report interpret interpret-compare export publish bench bench-sweep bench-data \
 	step-memory gpu-check speculative data-instruct data-instruct-sample finetune
 
@@ -98,8 +99,8 @@ list: ## Show every experiment: architecture, parameters, status, progress, last
 run-next: ## Train the next todo experiment, resuming it if interrupted (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 RESTART=1 RESIZE=1 WAIT=1)
 	$(LAB) run-next $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true) $(if $(RESTART),--restart true)
 
-run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (ARGS= LOGGER= MICRO= PRECISION= RESTART=1 RESIZE=1 WAIT=1)
-	$(LAB) run-specific '$(MODEL)' $(RUN_FLAGS) $(if $(RESTART),--restart true)
+run-specific: ## Train one experiment by name: MODEL=gpt_6L_6H_288D (SEEDS=3: each of 3 seeds; ARGS= LOGGER= MICRO= PRECISION= RESTART=1 RESIZE=1 WAIT=1)
+	$(LAB) run-specific '$(MODEL)' $(RUN_FLAGS) $(if $(RESTART),--restart true) $(if $(SEEDS),--seeds $(SEEDS))
 
 run-all: ## Train every todo experiment in order, past failures (ARGS= LOGGER= MICRO= PRECISION= OPTIONAL=1 RESIZE=1 WAIT=1)
 	$(LAB) run-all $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
@@ -122,6 +123,14 @@ demo: data-sample ## Offline demo: sample data, train both demo models (PRECISIO
 	$(LAB) eval $(DEMO_QUEUE)
 	$(LAB) sample $(DEMO_QUEUE)
 	$(LAB) interpret-compare gpt_demo llama_demo $(DEMO_QUEUE)
+	$(LAB) report $(DEMO_QUEUE)
+
+demo-seeds: data-sample ## The demo with 3 seeds of each model (SEEDS=): the report gives intervals and Welch's t-test
+	precision=$(or $(PRECISION),$$($(LAB) precision)) && for model in gpt_demo llama_demo; do \
+		$(LAB) run-specific $$model $(DEMO_QUEUE) --seeds $(or $(SEEDS),3) --args="--precision=$$precision "'$(ARGS)' \
+		|| exit 1; done
+	$(LAB) eval $(DEMO_QUEUE)
+	$(LAB) sample $(DEMO_QUEUE)
 	$(LAB) report $(DEMO_QUEUE)
 
 # Evaluation and interpretability

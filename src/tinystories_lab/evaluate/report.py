@@ -12,6 +12,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
 from tinystories_lab.evaluate.reference import REFERENCE_DIR
+from tinystories_lab.evaluate.seeds import Summary, summarize, welch
 from tinystories_lab.experiments.queue import load_entries, queue_files
 from tinystories_lab.experiments.runs import Point, final_checkpoint, is_current, out_dir_of, read_curves
 from tinystories_lab.render import plt, save, table
@@ -41,6 +42,16 @@ MEASURED_NOTE = (
     "parameter counts include every stored embedding row. They may have seen these stories, or "
     "others from other TinyStories versions, in training: see docs/reference-models.md."
 )
+SEEDS_NOTE = (
+    "One row per experiment with several evaluated seeds (each seed sets the initialisation and the order "
+    "of the training windows). sd: sample standard deviation (n - 1); 95% interval of the mean: mean +- "
+    "t(0.975, n - 1) x sd / sqrt(n), Student's t with n seeds."
+)
+WELCH_NOTE = (
+    "Where both variants have several seeds, the last column tests whether their mean validation losses "
+    "(and bits per byte) differ by more than the seeds' spread: Welch's two-sided t-test (unequal "
+    'variances), p-value; "one seed: not tested" otherwise. Values are means over the seeds.'
+)
 
 
 @dataclass
@@ -54,12 +65,18 @@ class Run:
     out_dir: Path
     train: list[Point] = field(default_factory=list)
     val: list[Point] = field(default_factory=list)
+    seed: int = 0
     eval: dict | None = None
     samples: dict | None = None
 
     @property
     def name(self) -> str:
         return self.entry["name"]
+
+    @property
+    def experiment(self) -> str:
+        """The queue entry this run is one seed of (its own name without `seeds:`)."""
+        return self.entry.get("experiment", self.name)
 
     @property
     def finished(self) -> bool:
@@ -80,6 +97,7 @@ def load_runs(queues: list[Path]) -> list[Run]:
             size=f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
             parameters=count_parameters(config, cfg.train.tie_embeddings),
             out_dir=out_dir,
+            seed=cfg.seed,
             train=train,
             val=val,
         )
@@ -108,34 +126,41 @@ def smooth(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def plot_curves(ax, run: Run, label: str | None = None) -> None:
-    color = COLORS.get(run.arch)
-    if run.train:
-        ax.plot(
-            [p.tokens for p in run.train], smooth([p.value for p in run.train]), color=color, alpha=0.35, lw=1
-        )
-    if run.val:
-        ax.plot(
-            [p.tokens for p in run.val],
-            [p.value for p in run.val],
-            "o-",
-            color=color,
-            ms=3,
-            label=label or run.name,
-        )
+def by_experiment(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by experiment: the seeds of each, in queue order."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.experiment, []).append(r)
+    return groups
+
+
+def plot_curves(ax, runs: list[Run], color, label: str) -> None:
+    """Training loss (smoothed, faint) and validation loss (markers) of one run, or the mean of several
+    seeds' with their validation band (min to max) shaded."""
+    runs = [r for r in runs if r.train]
+    if not runs:
+        return
+    steps = min(len(r.train) for r in runs)
+    train = [smooth([p.value for p in r.train])[:steps] for r in runs]
+    ax.plot([p.tokens for p in runs[0].train[:steps]], [sum(v) / len(v) for v in zip(*train)], color=color,
+            alpha=0.35, lw=1)  # fmt: skip
+    common = set.intersection(*({p.tokens for p in r.val} for r in runs))
+    val = [[p.value for p in r.val if p.tokens in common] for r in runs]
+    tokens = [p.tokens for p in runs[0].val if p.tokens in common]
+    if len(runs) > 1:
+        low, high = [min(v) for v in zip(*val)], [max(v) for v in zip(*val)]
+        ax.fill_between(tokens, low, high, color=color, alpha=0.25, lw=0)
+        label += f" (mean of {len(runs)} seeds, band: min-max)"
+    ax.plot(tokens, [sum(v) / len(v) for v in zip(*val)], "o-", color=color, ms=3, label=label)
 
 
 def figure_loss_curves(runs: list[Run], path: Path) -> None:
-    """All runs overlaid: training loss (smoothed, faint) and validation loss (markers) against tokens."""
+    """All experiments overlaid: training loss (smoothed, faint) and validation loss (markers) against
+    tokens; an experiment with several seeds as their mean, with the seeds' band."""
     fig, ax = plt.subplots(figsize=(8, 5), layout="tight")
-    for i, run in enumerate(r for r in runs if r.train):
-        color = plt.cm.tab10(i % 10)
-        ax.plot(
-            [p.tokens for p in run.train], smooth([p.value for p in run.train]), color=color, alpha=0.35, lw=1
-        )
-        ax.plot(
-            [p.tokens for p in run.val], [p.value for p in run.val], "o-", color=color, ms=3, label=run.name
-        )
+    groups = [g for g in by_experiment(runs).values() if any(r.train for r in g)]
+    for i, group in enumerate(groups):
+        plot_curves(ax, group, plt.cm.tab10(i % 10), group[0].experiment)
     ax.set(
         xlabel="training tokens",
         ylabel="loss (nats/token)",
@@ -147,12 +172,12 @@ def figure_loss_curves(runs: list[Run], path: Path) -> None:
     save(fig, path, dpi=120, crop=False)
 
 
-def figure_gpt_vs_llama(pairs: dict[str, dict[str, Run]], path: Path) -> None:
-    """One panel per size: the GPT and LLaMA runs of that shape."""
+def figure_gpt_vs_llama(pairs: dict[str, dict[str, list[Run]]], path: Path) -> None:
+    """One panel per size: the GPT and LLaMA runs of that shape (their seeds' mean and band)."""
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False, layout="tight")
     for ax, (size, pair) in zip(axes[0], pairs.items()):
-        for arch, run in sorted(pair.items()):
-            plot_curves(ax, run, f"{arch}: {run.name}")
+        for arch, runs in sorted(pair.items()):
+            plot_curves(ax, runs, COLORS.get(arch), f"{arch}: {runs[0].experiment}")
         ax.set(title=size, xlabel="training tokens", ylabel="loss (nats/token)", xscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -169,18 +194,23 @@ def figure_scaling(evaluated: list[Run], anchors: list[dict], references: list[d
         ("validation loss (nats/token)", "perplexity", "bits per byte"),
     ):
         for arch in ("gpt", "llama"):
-            runs = sorted((r for r in evaluated if r.arch == arch), key=lambda r: r.parameters)
-            ax.plot(
-                [r.parameters for r in runs],
-                [r.eval[key] for r in runs],
-                "o-",
+            groups = [g for g in by_experiment(evaluated).values() if g[0].arch == arch]
+            groups.sort(key=lambda g: g[0].parameters)
+            stats = [summarize([r.eval[key] for r in g]) for g in groups]
+            ax.errorbar(
+                [g[0].parameters for g in groups],
+                [s.mean for s in stats],
+                yerr=[s.sd or 0 for s in stats],
+                fmt="o-",
                 color=COLORS[arch],
-                label=arch,
+                capsize=3,
+                label=arch + (" (mean +- sd of seeds)" if any(len(g) > 1 for g in groups) else ""),
             )
-            for r in runs:
+            for g, st in zip(groups, stats):
                 ax.annotate(
-                    r.name, (r.parameters, r.eval[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                )
+                    g[0].experiment, (g[0].parameters, st.mean), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points",
+                )  # fmt: skip
         if key == "bits_per_byte" and references:
             ax.plot(
                 [r["parameters"] for r in references],
@@ -255,7 +285,7 @@ def results_table(evaluated: list[Run], thresholds: list[str], references: list[
         e = r.eval
         wall = e.get("train_wall_time_s")
         cells = [
-            f"`{r.name}`",
+            f"`{r.name}`" + (f" (seed {r.seed})" if "experiment" in r.entry else ""),
             r.arch,
             r.size,
             f"{r.parameters / 1e6:.2f}M",
@@ -275,13 +305,13 @@ def results_table(evaluated: list[Run], thresholds: list[str], references: list[
     return [table(header, rows)]
 
 
-def samples_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
-    """The same prompts' samples, GPT and LLaMA side by side, per size."""
+def samples_section(pairs: dict[str, dict[str, list[Run]]]) -> list[str]:
+    """The same prompts' samples, GPT and LLaMA side by side, per size (each one's first seed)."""
     lines = []
     for size, pair in pairs.items():
-        if not all(r.samples for r in pair.values()) or len(pair) < 2:
+        gpt, llama = pair["gpt"][0], pair["llama"][0]
+        if not (gpt.samples and llama.samples):
             continue
-        gpt, llama = pair["gpt"], pair["llama"]
         rows = [
             [repr(a["prompt"]) + f" (seed {a['seed']})", _cell(a), _cell(b)]
             for a, b in zip(gpt.samples["samples"], llama.samples["samples"])
@@ -347,21 +377,61 @@ def pending_section(pending: list[Run]) -> list[str]:
     return ["### Not in the comparison", "", table(["run", "status", "why"], rows), ""]
 
 
-def pairs_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
-    """GPT against LLaMA at each size, in numbers."""
-    header = ["size", "GPT", "LLaMA", "params GPT / LLaMA", "val loss GPT / LLaMA", "bits/byte GPT / LLaMA"]
+def seeds_section(evaluated: list[Run]) -> list[str]:
+    """Mean, sd and 95% interval of validation loss and bits per byte of each experiment with seeds."""
+    header = ["experiment", "seeds", "val loss mean +- sd", "val loss 95% interval", "bits/byte mean +- sd",
+              "bits/byte 95% interval"]  # fmt: skip
+    rows = []
+    for name, group in by_experiment(evaluated).items():
+        if len(group) < 2:
+            continue
+        loss, bpb = (summarize([r.eval[key] for r in group]) for key in ("loss", "bits_per_byte"))
+        seeds = ", ".join(str(r.seed) for r in group)
+        rows.append([f"`{name}`", f"{len(group)} ({seeds})", _mean_sd(loss), _interval(loss), _mean_sd(bpb),
+                     _interval(bpb)])  # fmt: skip
+    return [table(header, rows), "", SEEDS_NOTE, ""] if rows else []
+
+
+def _mean_sd(s: Summary) -> str:
+    return f"{s.mean:.4f} +- {s.sd:.4f}"
+
+
+def _interval(s: Summary) -> str:
+    return f"[{s.low:.4f}, {s.high:.4f}]"
+
+
+def _means(runs: list[Run], key: str) -> str:
+    return f"{summarize([r.eval[key] for r in runs]).mean:.3f}"
+
+
+def welch_cell(gpt: list[Run], llama: list[Run]) -> str:
+    """Welch's t-test p-values of GPT vs LLaMA in loss and bits per byte, or why none."""
+    if len(gpt) < 2 or len(llama) < 2:
+        return "one seed: not tested"
+    p = [welch([r.eval[k] for r in gpt], [r.eval[k] for r in llama]).p for k in ("loss", "bits_per_byte")]
+    return f"p = {p[0]:.2g} / {p[1]:.2g}"
+
+
+def pairs_section(pairs: dict[str, dict[str, list[Run]]]) -> list[str]:
+    """GPT against LLaMA at each size, in numbers (means over seeds), with Welch's t-test where both have
+    several seeds."""
+    header = ["size", "GPT", "LLaMA", "params GPT / LLaMA", "val loss GPT / LLaMA", "bits/byte GPT / LLaMA",
+              "Welch's t-test, loss / bits/byte"]  # fmt: skip
     rows = []
     for size, pair in pairs.items():
         g, ll = pair["gpt"], pair["llama"]
         rows.append([
-            size, f"`{g.name}`", f"`{ll.name}`", f"{g.parameters / 1e6:.2f}M / {ll.parameters / 1e6:.2f}M",
-            f"{g.eval['loss']:.3f} / {ll.eval['loss']:.3f}",
-            f"{g.eval['bits_per_byte']:.3f} / {ll.eval['bits_per_byte']:.3f}",
+            size, f"`{g[0].experiment}` ({len(g)} seeds)" if len(g) > 1 else f"`{g[0].name}`",
+            f"`{ll[0].experiment}` ({len(ll)} seeds)" if len(ll) > 1 else f"`{ll[0].name}`",
+            f"{g[0].parameters / 1e6:.2f}M / {ll[0].parameters / 1e6:.2f}M",
+            f"{_means(g, 'loss')} / {_means(ll, 'loss')}",
+            f"{_means(g, 'bits_per_byte')} / {_means(ll, 'bits_per_byte')}",
+            welch_cell(g, ll),
         ])  # fmt: skip
     return [
         table(header, rows),
         "",
-        "Same shapes; the LLaMA variants have more parameters (SwiGLU's third MLP matrix).",
+        "Same shapes; the LLaMA variants have more parameters (SwiGLU's third MLP matrix). " + WELCH_NOTE,
         "",
     ]
 
@@ -369,7 +439,7 @@ def pairs_section(pairs: dict[str, dict[str, Run]]) -> list[str]:
 def speculative_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
     """Finished runs that can draft for one another: a smaller one into a larger one of the same architecture,
     or a GPT into a larger LLaMA."""
-    done = [r for r in runs if r.finished]
+    done = [r for r in runs if r.finished and r.name == r.experiment]  # one seed of each experiment
     return [
         (d, t)
         for t in sorted(done, key=lambda r: r.parameters)
@@ -442,9 +512,9 @@ def report(
     evaluated = [r for r in runs if r.finished and r.eval]
     pending = [r for r in runs if r not in evaluated]
     references = load_references(reference_dir, evaluated)
-    by_size: dict[str, dict[str, Run]] = {}
-    for r in evaluated:
-        by_size.setdefault(r.size, {})[r.arch] = r
+    by_size: dict[str, dict[str, list[Run]]] = {}
+    for group in by_experiment(evaluated).values():
+        by_size.setdefault(group[0].size, {})[group[0].arch] = group
     pairs = {size: pair for size, pair in by_size.items() if len(pair) == 2}
 
     figures = {}
@@ -465,6 +535,8 @@ def report(
     if evaluated:
         thresholds = list(evaluated[0].eval["tokens_to_val_loss"])
         lines += results_table(evaluated, thresholds, references) + ["", RESULTS_NOTE, ""]
+        seeds = seeds_section(evaluated)
+        lines += ["### Across seeds", ""] + seeds if seeds else []
         lines += [MEASURED_NOTE, ""] if references else []
         lines += overlap_lines(evaluated)
     else:

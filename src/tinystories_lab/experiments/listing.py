@@ -16,14 +16,14 @@ from tinystories_lab.render import format_table
 
 
 def experiment_row(entry: dict) -> list[str]:
-    """One row: name, architecture, shape, true parameters, status, tokens done / max_tokens, val loss.
+    """One row: name, architecture, shape, true parameters, seed, status, tokens done / max, val loss.
     An entry whose config or arguments LitGPT rejects gets a row saying so in one line."""
     try:
         with contextlib.redirect_stderr(io.StringIO()) as said:  # jsonargparse's usage dump
             cfg = parse_config(entry["config"], *entry.get("args", []), *entry.get("run_args", []))
     except UserError as e:
         reason = _last_line(said.getvalue()) or str(e)
-        return [entry["name"], "-", "-", "-", status_text(entry), f"cannot start: {reason}", "-"]
+        return [entry["name"], "-", "-", "-", "-", status_text(entry), f"cannot start: {reason}", "-"]
     config = model_config(cfg)
     params = count_parameters(config, cfg.train.tie_embeddings)
     out_dir = out_dir_of(entry)
@@ -32,6 +32,7 @@ def experiment_row(entry: dict) -> list[str]:
         architecture(config),
         f"{config.n_layer}L_{config.n_head}H_{config.n_embd}D",
         f"{params / 1e6:.1f}M",
+        str(cfg.seed),
         status_text(entry),
     ]
     if out_dir.exists() and not os.access(out_dir, os.R_OK | os.X_OK):
@@ -63,7 +64,7 @@ def list_experiments(queues: list[Path] | None = None) -> None:
     Args:
         queues: Queue files to show (default: experiments.yaml and experiments.demo.yaml).
     """
-    header = ["name", "arch", "size", "params", "status", "progress (tokens)", "val loss"]
+    header = ["name", "arch", "size", "params", "seed", "status", "progress (tokens)", "val loss"]
     for path in queue_files(queues):
         print(f"{path}:")
         print(format_table([experiment_row(e) for e in Queue(path).load()], header) + "\n")

@@ -2,17 +2,23 @@
 
 The file is edited by people too, so it is read and written with ruamel.yaml, which keeps comments,
 field order and entry order; the runner only adds its own fields (RUNNER_FIELDS) to entries.
+
+An entry with `seeds: [42, 43, 44]` is one run per seed (`SeedRun`). The first seed's run is the entry
+itself: its name, folder and status fields, as without seeds. Every other seed s is the run
+`<name>-seed<s>`, in its own folder, whose status and runner fields live in the entry under
+`seed_runs: {s: {...}}`. All of them share the entry's config and arguments, plus their seed.
 """
 
 from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from tinystories_lab.errors import UserError
@@ -33,6 +39,10 @@ RUN_RECORD = (  # what the runner records of a run: cleared when a new run start
     "note", "slurm_job", "cuda_visible_devices", "start_step",
 )  # fmt: skip
 RUNNER_FIELDS = (*RUN_RECORD, "attempts", "run_args", "run_logger")
+RECORD_FIELDS = ("status", *RUNNER_FIELDS)  # what each seed of an experiment has for itself
+# What a seed sets: LitGPT seeds torch with `seed` before building the model (the initialisation); the
+# DataModule's own seed orders the training windows (LitGPT does not pass its seed to the data).
+SEED_ARGS = {"initialisation": "--seed={}", "data order": "--data.init_args.seed={}"}
 DEFAULT_QUEUES = [Path("experiments.yaml"), Path("experiments.demo.yaml")]  # what read-only verbs look in
 RUN_QUEUES = [Path("experiments.yaml")]  # what the run verbs take experiments from (they write status back)
 
@@ -53,8 +63,9 @@ class Queue:
         self._lock = Lock(str(self.target) + ".lock")
 
     def load(self) -> list[dict]:
-        """The validated entries, in file order (ruamel maps: edits keep comments and order)."""
-        return self._read()["experiments"]
+        """The validated runs, in file order: the entries, each seeded one as one run per seed (ruamel maps
+        and `SeedRun`s: edits keep comments and order)."""
+        return expand(self._read()["experiments"])
 
     @contextmanager
     def edit(self, check_configs: bool = True) -> Iterator[list[dict]]:
@@ -66,7 +77,7 @@ class Queue:
         with self._lock:
             original = self._text()
             doc = self._read(original, check_configs)
-            yield doc["experiments"]
+            yield expand(doc["experiments"])
             validate(doc["experiments"], self.path, check_configs)
             buffer = io.StringIO()
             _yaml.dump(doc, buffer)
@@ -113,6 +124,17 @@ def validate(entries: list, path: Path, check_configs: bool = True) -> None:
             raise UserError(f"{where} appears twice; experiment names must be unique.")
         seen.add(name)
         _validate_fields(entry, where, check_configs)
+        if "seeds" in entry:
+            _validate_seeds(entry, where)
+    for entry in entries:  # a seed's run name must not be another run's
+        for seed in entry.get("seeds", [])[1:]:
+            name = seed_run_name(entry["name"], seed)
+            if name in seen:
+                raise UserError(
+                    f"{path}: experiment {entry['name']!r}: its seed {seed} run is named {name!r}, like "
+                    "another experiment's run; rename one of them."
+                )
+            seen.add(name)
 
 
 def _validate_fields(entry: dict, where: str, check_configs: bool) -> None:
@@ -160,6 +182,127 @@ def _validate_fields(entry: dict, where: str, check_configs: bool) -> None:
                 raise UserError(f"{where}: slurm.{key} must be a {kind.__name__}, not {value!r}.")
         if not all(isinstance(a, str) for a in slurm.get("sbatch_args", [])):
             raise UserError(f"{where}: slurm.sbatch_args must be a list of strings such as ['--exclusive'].")
+
+
+def _validate_seeds(entry: dict, where: str) -> None:
+    seeds = entry["seeds"]
+    if not (
+        isinstance(seeds, list)
+        and seeds
+        and all(type(s) is int and s >= 0 for s in seeds)
+        and len(set(seeds)) == len(seeds)
+    ):
+        raise UserError(f"{where}: seeds must list distinct non-negative integers, such as [42, 43, 44].")
+    runs = entry.get("seed_runs", {})
+    if not (isinstance(runs, dict) and all(type(s) is int and isinstance(r, dict) for s, r in runs.items())):
+        raise UserError(f"{where}: seed_runs must map each seed to its run's fields (the runner writes it).")
+    for seed, record in runs.items():
+        if record.get("status", "todo") not in STATUSES:
+            raise UserError(
+                f"{where}: seed {seed} has unknown status {record['status']!r}; use one of "
+                f"{', '.join(STATUSES)}."
+            )
+
+
+def seed_run_name(name: str, seed: int) -> str:
+    """The run of an experiment's seed after its first."""
+    return f"{name}-seed{seed}"
+
+
+class SeedRun(MutableMapping):
+    """One seed of an experiment with `seeds:`, as a queue entry: the experiment's fields, its own name,
+    folder, `seed`, `experiment` (the entry's name) and arguments that set the seed, and its own status and
+    runner fields (RECORD_FIELDS), read from and written to the entry (the first seed) or its `seed_runs`."""
+
+    def __init__(self, entry: dict, seed: int) -> None:
+        self.entry = entry
+        self.seed = seed
+        self.first = seed == entry["seeds"][0]
+        self.name = entry["name"] if self.first else seed_run_name(entry["name"], seed)
+
+    def _record(self, create: bool = False) -> dict:
+        if self.first:
+            return self.entry
+        if create and "seed_runs" not in self.entry:
+            self.entry["seed_runs"] = CommentedMap()
+        runs = self.entry.get("seed_runs", {})
+        if create and self.seed not in runs:
+            runs[self.seed] = CommentedMap(status="todo")
+        return runs.get(self.seed, {})
+
+    def _view(self) -> dict:
+        shared = {k: v for k, v in self.entry.items() if k not in ("seeds", "seed_runs", *RECORD_FIELDS)}
+        args = [*self.entry.get("args", []), *(a.format(self.seed) for a in SEED_ARGS.values())]
+        view = {
+            **shared,
+            "name": self.name,
+            "experiment": self.entry["name"],
+            "seed": self.seed,
+            "args": args,
+        }
+        if not self.first and "out_dir" in self.entry:
+            view["out_dir"] = f"{self.entry['out_dir']}-seed{self.seed}"
+        record = self._record()
+        view.update({k: v for k, v in record.items() if k in RECORD_FIELDS})
+        view.setdefault("status", "todo")
+        return view
+
+    def __getitem__(self, key: str):
+        return self._view()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._view())
+
+    def __len__(self) -> int:
+        return len(self._view())
+
+    def __setitem__(self, key: str, value) -> None:
+        if key not in RECORD_FIELDS:
+            raise TypeError(f"{key} is shared by every seed of {self.entry['name']}; edit the experiment.")
+        self._record(create=True)[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        record = self._record()
+        if key not in RECORD_FIELDS or key not in record:
+            raise KeyError(key)
+        del record[key]
+
+
+def expand(entries: list[dict]) -> list[dict]:
+    """The runs of a queue's entries: an entry with `seeds:` becomes one `SeedRun` per seed."""
+    return [run for e in entries for run in ([SeedRun(e, s) for s in e["seeds"]] if "seeds" in e else [e])]
+
+
+def set_seeds(queue: Queue, name: str, count: int, base: int) -> list[str]:
+    """Give experiment `name` `count` seeds (`SEEDS=N`): the seeds it has, then the integers after the largest
+    (from `base`, its config's seed, when it has none). Returns the names of its seeds' runs."""
+    if count < 1:
+        raise UserError(f"SEEDS must be a positive number of seeds, not {count}.")
+    with queue.edit() as runs:
+        run = find(runs, name)
+        entry = run.entry if isinstance(run, SeedRun) else run
+        if entry["name"] != name:
+            raise UserError(f"SEEDS= takes an experiment, not one seed's run: MODEL={entry['name']}.")
+        seeds = list(entry.get("seeds", [base]))
+        if count < len(seeds):
+            raise UserError(
+                f"{name} has {len(seeds)} seeds ({', '.join(map(str, seeds))}); to drop some, edit its "
+                "seeds: in the queue."
+            )
+        while len(seeds) < count:
+            seeds.append(max(seeds) + 1)
+        if seeds != entry.get("seeds"):
+            flow = CommentedSeq(seeds)
+            flow.fa.set_flow_style()
+            _insert_after(entry, "seeds", flow, after="config")
+    return [r.name for r in expand([entry])]
+
+
+def _insert_after(entry: CommentedMap, key: str, value, after: str) -> None:
+    if key in entry:
+        entry[key] = value
+    else:
+        entry.insert(list(entry).index(after) + 1, key, value)
 
 
 def queue_files(queues: list[Path] | None = None) -> list[Path]:

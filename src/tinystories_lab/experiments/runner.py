@@ -34,8 +34,10 @@ from tinystories_lab.experiments.queue import (
     find,
     load_entries,
     queue_of,
+    set_seeds,
 )
 from tinystories_lab.experiments.runs import (
+    Checkpoint,
     check_run_folder,
     final_checkpoint,
     newest_loadable,
@@ -232,7 +234,13 @@ def check_ready(
             f"has a vocabulary of {vocab:,}; raise model_config.padded_vocab_size or use a smaller tokenizer."
         )
     if not restart:
-        resume_point(out_dir_of(entry), say=lambda _: None)  # refuses to overwrite a finished run
+        ckpt = resume_point(out_dir_of(entry), say=lambda _: None)  # refuses to overwrite a finished run
+        if ckpt is not None and cfg.seed != Checkpoint(ckpt).hparams.get("seed", cfg.seed):
+            raise UserError(
+                f"{entry['name']} runs with seed {cfg.seed}, but its checkpoints in {out_dir_of(entry)} were "
+                f"trained with seed {Checkpoint(ckpt).hparams['seed']}; put that seed first in its seeds:, "
+                "or train it from zero with RESTART=1."
+            )
         if not resize:
             check_same_batch(entry, cfg.train, micro_batch_size)
     if is_slurm(entry):
@@ -320,7 +328,7 @@ def run_entry(queue: Queue, claimed: Claimed, restart: bool = False, auto_micro:
                 gpus, gpu_locks = claim_gpus(entry.get("devices", 1), entry.get("gpus"))
             if auto_micro:
                 choose_micro_batch(queue, entry, child_env(entry.get("run_logger"), out_dir, gpus))
-            write_run_file(out_dir, entry["name"], queue.path)
+            write_run_file(out_dir, entry["name"], queue.path, entry.get("seed"))
             if restart:
                 delete_checkpoints(out_dir)
             if is_slurm(entry):
@@ -620,11 +628,12 @@ def run_specific(
     wait: bool = False,
     micro_batch_size: Literal["auto"] | None = None,
     resize: bool = False,
+    seeds: int | None = None,
 ) -> None:
-    """Run (or resume) one experiment by name, optional ones included.
+    """Run (or resume) one experiment by name, optional ones included; with `seeds`, each of its seeds.
 
     Args:
-        model: The experiment's name in the queues.
+        model: The experiment's name in the queues (or one seed's run: `<name>-seed<s>`).
         queues: Queue files, searched in order (default: experiments.yaml).
         args: Extra `litgpt pretrain` arguments, e.g. "--train.max_tokens=1000000".
         logger: Logger to use instead of the config's: csv, tensorboard or wandb.
@@ -634,11 +643,31 @@ def run_specific(
             recorded with the run's arguments; the global batch, hence the training, stays the same.
         resize: Resume even though the world size, global or micro batch differs from the checkpoint's
             (the training changes: other optimizer steps).
+        seeds: Give the experiment this many seeds (its `seeds:` in the queue: those it has, then the next
+            integers after its config's seed) and train or resume each one that is not done yet.
     """
-    queue = queue_of(model, queues or RUN_QUEUES)
-    outcome = _run_one(queue, model, args, logger, True, restart, wait, micro_batch_size, resize)
-    if outcome.code:
-        sys.exit(outcome.code)
+    queues = queues or RUN_QUEUES
+    queue = queue_of(model, queues)
+    if seeds is None:
+        outcome = _run_one(queue, model, args, logger, True, restart, wait, micro_batch_size, resize)
+        if outcome.code:
+            sys.exit(outcome.code)
+        return
+    entry = find(queue.load(), model)
+    base = parse_config(entry["config"], *entry.get("args", [])).seed
+    outcomes = []
+    for name in set_seeds(queue, model, seeds, base):
+        if find(queue.load(), name)["status"] == "done" and not restart:
+            print(f"{name} is done already.")
+            continue
+        outcomes.append(_run_one(queue, name, args, logger, True, restart, wait, micro_batch_size, resize))
+        if outcomes[-1].status == "stopped":
+            break
+    for o in outcomes:
+        print(f"{o.name}: {o.status}" + (f" (exit {o.code})" if o.code else ""))
+    failed = [o for o in outcomes if o.code]
+    if failed:
+        sys.exit(failed[-1].code)
 
 
 def run_all(

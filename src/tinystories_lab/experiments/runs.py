@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.queue import SEED_ARGS
 
 EXPERIMENTS_DIR = Path("experiments/tiny_stories")
 
@@ -137,13 +138,21 @@ def resume_point(out_dir: Path, say: Callable[[str], None] = print) -> Path | No
 RUN_FILE = "run.yaml"
 
 
-def write_run_file(out_dir: Path, name: str, queue: Path) -> None:
+def write_run_file(out_dir: Path, name: str, queue: Path, seed: int | None = None) -> None:
     """Mark a folder as the run of experiment `name` of queue file `queue` (what `reset DELETE=1` and every
-    run check before touching it)."""
+    run check before touching it); for one seed of several, also record the seed and what it set."""
     path = out_dir / RUN_FILE
-    if not path.is_file():
-        record = {"experiment": name, "queue": str(Path(queue).resolve())}
-        path.write_text(yaml.safe_dump(record, sort_keys=False))
+    fields = {"experiment": name, "queue": str(Path(queue).resolve())}
+    if path.is_file():
+        fields = read_run_file(out_dir)
+        if not fields:
+            return  # not ours to rewrite: `reset DELETE=1` then refuses to delete the folder
+    if seed is not None:
+        fields["seed"] = seed
+        fields["seed_sets"] = {what: arg.format(seed) for what, arg in SEED_ARGS.items()}
+    text = yaml.safe_dump(fields, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def read_run_file(out_dir: Path) -> dict:
