@@ -70,10 +70,9 @@ install: ## Create .venv and install the project (TORCH=torch==2.13.0 pins torch
 	$(BIN)/pip install --quiet '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'
 
-# llama-cpp-python builds llama.cpp from source: only the library the Python package loads (no multimodal
-# mtmd library, no common/tools), on every core. Measured in docs/export.md.
-GGUF_BUILD_ENV = CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" SKBUILD_BUILD_TARGETS=llama \
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
+# llama-cpp-python builds llama.cpp from source: without the multimodal mtmd library (the package loads it
+# only for image chat), on every core. Measured in docs/export.md.
+GGUF_BUILD_ENV = CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
 
 install-gguf: ## Add the GGUF extra to .venv: llama-cpp-python (built from source, minutes), gguf, its server
 	$(GGUF_BUILD_ENV) $(BIN)/pip install --quiet -e '.[dev,gguf]'

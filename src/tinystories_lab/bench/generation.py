@@ -125,6 +125,7 @@ def bench_generate(
         import llama_cpp  # noqa: F401
     except ImportError:
         raise UserError(INSTALL_HINT) from None
+    load_before = os.getloadavg()[0]  # on a shared machine the numbers mean little without it
     tokenizer_model = data_dir / "tokenizers" / "sample" / "tokenizer.model"
     if not tokenizer_model.is_file():
         raise UserError(f"{tokenizer_model} is missing: run `make data-sample` first.")
@@ -138,6 +139,7 @@ def bench_generate(
         "threads": {"torch": torch.get_num_threads(), "llama.cpp": os.cpu_count()},
         "versions": {p: version(p) for p in ("torch", "litgpt", "transformers", "llama-cpp-python")},
         "repeats": repeats,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "results": results,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +162,7 @@ def generate_page(report: dict) -> str:
         f"Greedy generation, tokens/s, random weights. Device: {report['device']}, {report['date']}; "
         f"threads: torch {report['threads']['torch']}, llama.cpp {report['threads']['llama.cpp']}; "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-        + f". Median of {report['repeats']} runs after a warm-up."
+        + f". Median of {report['repeats']} runs after a warm-up. 1-minute load average "
+        + "{before:.1f} before, {after:.1f} after.".format(**report["load_average_1min"])
     )
     return "\n".join([caption, "", table(["model", "parameters", "new tokens", *ENGINES], rows)])
