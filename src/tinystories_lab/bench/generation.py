@@ -65,6 +65,7 @@ def engines(config: Config, model: GPT, tokenizer_model: Path, folder: Path, n: 
         return out.tolist()
 
     cfg = hf_config(config, True, bos_id=1, eos_id=2)
+    (folder / "hf").mkdir()
     write_model(folder / "hf", cfg, hf_state_dict(config, model.state_dict(), cfg))
     hf_model = AutoModelForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
 

@@ -23,13 +23,18 @@ INSTALL_HINT = "llama-cpp-python is not installed: run `make install-gguf` (pip 
 
 
 def load_llama(path: Path, context: int):
-    """The GGUF file at `path` in llama.cpp, keeping every position's logits, quiet."""
+    """The GGUF file at `path` in llama.cpp, keeping every position's logits, quiet.
+
+    The KV cache is f32: llama.cpp's default f16 cache alone moves the logits by about 1e-3, which would
+    hide what the check is for (the file); `make serve` and the speed benchmark keep the default.
+    """
     try:
-        from llama_cpp import Llama
+        from llama_cpp import GGML_TYPE_F32, Llama
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     return Llama(
         model_path=str(path), n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True,
+        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
         n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), verbose=False,
     )  # fmt: skip
 
