@@ -46,6 +46,8 @@ METHOD ?= lora
 LR ?=
 BENCH_OUT ?= benchmarks/results
 NODES ?= 1
+QUANT ?= f32
+PORT ?= 8000
 
 # QUEUE=file limits every target that takes experiments to that queue file; without it the run targets
 # use experiments.yaml and the others experiments.yaml and experiments.demo.yaml.
@@ -62,7 +64,7 @@ BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) 
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo demo-seeds \
-	eval eval-hf eval-reference sample report interpret interpret-compare export publish bench bench-sweep bench-data \
+	eval eval-hf eval-reference sample report interpret interpret-compare export gguf serve install-gguf publish bench bench-sweep bench-generate bench-data \
 	step-memory gpu-check speculative data-instruct data-instruct-sample finetune
 
 help: ## List every target with one line each
@@ -72,6 +74,13 @@ install: ## Create .venv and install the project (TORCH=torch==2.13.0 pins torch
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'
+
+# llama-cpp-python builds llama.cpp from source: without the multimodal mtmd library (the package loads it
+# only for image chat), on every core. Measured in docs/export.md.
+GGUF_BUILD_ENV = CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
+
+install-gguf: ## Add the GGUF extra to .venv: llama-cpp-python (built from source, minutes), gguf, its server
+	$(GGUF_BUILD_ENV) $(BIN)/pip install --quiet -e '.[dev,gguf]'
 
 test: ## Run the test suite (includes real `litgpt pretrain` runs on the sample; minutes)
 	$(BIN)/pytest
@@ -177,6 +186,12 @@ finetune: ## Fine-tune MODEL= run with LitGPT: DATA=sample|tinystories|file METH
 export: ## Export MODEL (a run, or a fine-tune's folder) to its hf/ folder for transformers, with a parity check
 	$(LAB) export '$(MODEL)' $(QUEUES_FLAG) $(DEVICE_FLAG)
 
+gguf: ## GGUF file for llama.cpp of MODEL (QUANT=f32|f16|q8_0) -> its gguf/, with a parity record (make install-gguf)
+	$(LAB) gguf '$(MODEL)' --quant $(QUANT) $(QUEUES_FLAG)
+
+serve: ## OpenAI-compatible server (llama.cpp) on 127.0.0.1:PORT for MODEL's GGUF file (QUANT=, PORT=8000)
+	$(LAB) serve '$(MODEL)' --port $(PORT) --quant $(QUANT) $(QUEUES_FLAG)
+
 publish: ## Upload MODEL's hf/ folder to the Hugging Face Hub: REPO=your-name/repo (needs a token)
 	$(LAB) publish '$(MODEL)' '$(REPO)' $(QUEUES_FLAG)
 
@@ -187,6 +202,9 @@ bench: data-sample ## Tokens/s, MFU, memory: litgpt pretrain vs a bare loop (MOD
 
 bench-sweep: data-sample ## Precision x micro batch sweep per variant on this device (MODEL=a,b STEPS= DEVICE=)
 	$(LAB) bench-sweep $(BENCH_FLAGS)
+
+bench-generate: data-sample ## Greedy tokens/s: LitGPT, transformers, llama.cpp f32 and q8_0 (MODEL=a,b; random weights)
+	$(LAB) bench-generate $(if $(MODEL),--model '$(MODEL)') --data_dir $(DATA_DIR) --out_dir $(BENCH_OUT) $(QUEUES_FLAG)
 
 bench-data: ## Token-file encoding throughput, 1 thread vs all cores, on the sample
 	$(LAB) bench-data

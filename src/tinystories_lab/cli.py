@@ -8,6 +8,7 @@ from pathlib import Path
 from jsonargparse import CLI, set_parsing_settings
 
 from tinystories_lab.bench.encoding import bench_data
+from tinystories_lab.bench.generation import bench_generate
 from tinystories_lab.bench.gpu_check import gpu_check
 from tinystories_lab.bench.memory import step_memory
 from tinystories_lab.bench.precision import precision
@@ -24,7 +25,9 @@ from tinystories_lab.evaluate.speculative import speculative
 from tinystories_lab.experiments.listing import list_experiments
 from tinystories_lab.experiments.runner import cancel, reset, run_all, run_next, run_specific, slurm_record
 from tinystories_lab.export.exporter import export
+from tinystories_lab.export.gguf_exporter import gguf
 from tinystories_lab.export.publish import publish
+from tinystories_lab.export.serve import serve
 from tinystories_lab.finetune.data import data_instruct
 from tinystories_lab.finetune.evaluate import evaluate_finetunes
 from tinystories_lab.finetune.run import finetune
@@ -89,11 +92,14 @@ COMMANDS = {
     "finetune": finetune,
     "bench": bench,
     "bench-sweep": bench_sweep,
+    "bench-generate": bench_generate,
     "precision": precision,
     "step-memory": step_memory,
     "gpu-check": gpu_check,
     "export": export,
     "publish": publish,
+    "gguf": gguf,
+    "serve": serve,
     "interpret": interpret,
     "interpret-compare": interpret_compare,
 }
