@@ -26,6 +26,7 @@ from tinystories_lab.export.publish import publish
 from tinystories_lab.finetune.data import data_instruct
 from tinystories_lab.finetune.run import finetune
 from tinystories_lab.interpret.run import interpret, interpret_compare
+from tinystories_lab.interpret.timeline import interpret_timeline
 
 COMMANDS = {
     "configs": configs,
@@ -55,6 +56,7 @@ COMMANDS = {
     "publish": publish,
     "interpret": interpret,
     "interpret-compare": interpret_compare,
+    "interpret-timeline": interpret_timeline,
 }
 
 

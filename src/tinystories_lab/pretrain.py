@@ -15,7 +15,9 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
   of the validation split, summed over all ranks, whatever their number (see `RankValWindows`);
 - the logged training loss: LitGPT logs rank 0's; here the mean over all ranks, as one rank would log it;
 - `--resume auto`: the newest checkpoint that loads (a truncated one is skipped), `final/` included;
-- `hyperparameters.yaml`: saved from these arguments (LitGPT re-reads `sys.argv`, which holds ours too).
+- `hyperparameters.yaml`: saved from these arguments (LitGPT re-reads `sys.argv`, which holds ours too);
+- `--early_checkpoints true`: also a `step-*` checkpoint at steps 1, 2, 4, 8, ... below `train.save_interval`,
+  for `interpret-timeline` (see `EarlySaves`).
 
 Every rank takes a lock in the run folder (`RunLock`), so the runner knows a run is alive until all its
 processes are gone, and ranks started by rank 0 die with it.
@@ -28,6 +30,7 @@ import ctypes
 import os
 import signal
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -51,6 +54,7 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 ADAM_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients and AdamW's two moments
 STATE_SHARE_OF_MEMORY = 0.5  # leave the rest of a device's memory to activations
 VALIDATION_CHUNK = 4096  # tokens whose logits validation turns into fp32 at a time
+LITGPT_FIT = litgpt.pretrain.fit
 
 
 def choose_strategy(cfg: Namespace, world: int, strategy: Strategy) -> Strategy | Literal["single"]:
@@ -175,6 +179,24 @@ def validate(
     return (total[0] / total[1]).float()
 
 
+class EarlySaves(int):
+    """LitGPT's `train.save_interval` (every this many steps) that also says yes at powers of two below it.
+
+    LitGPT saves when `step_count % save_interval == 0`; as a subclass of int with its own `__rmod__`, this is
+    asked first (Python's rule for reflected operators), so the loop itself needs no change.
+    """
+
+    def __rmod__(self, step: int) -> int:
+        return 0 if 0 < step < self and step & (step - 1) == 0 else step % int(self)
+
+
+def _fit_saving_early(fit, *args, train, **kwargs):
+    """LitGPT's `fit`, its save interval turned into `EarlySaves`."""
+    if train.save_interval:
+        train = replace(train, save_interval=EarlySaves(train.save_interval))
+    return fit(*args, train=train, **kwargs)
+
+
 def die_with_parent() -> None:
     """Get SIGKILL when the parent process dies, so no orphan keeps training (Linux only)."""
     if sys.platform.startswith("linux"):
@@ -197,7 +219,7 @@ def _save_hyperparameters(args: list[str], function, checkpoint_dir: Path) -> No
     parser.save(parser.parse_args(args), checkpoint_dir / "hyperparameters.yaml", overwrite=True)
 
 
-def pretrain(args: list[str], strategy: Strategy = "auto") -> None:
+def pretrain(args: list[str], strategy: Strategy = "auto", early_checkpoints: bool = False) -> None:
     """Check the arguments, choose the strategy and resume point, then run LitGPT's `setup`."""
     parser = pretrain_parser()
     try:
@@ -224,6 +246,8 @@ def pretrain(args: list[str], strategy: Strategy = "auto") -> None:
     lp.validate = validate
     lp.RunningMean = _RunningMeanOverRanks
     lp.save_hyperparameters = partial(_save_hyperparameters, args)
+    if early_checkpoints:
+        lp.fit = partial(_fit_saving_early, LITGPT_FIT)
     CLI(lp.setup, args=args)
     if rank == 0 and torch.cuda.is_available():  # beside LitGPT's "Memory Used" (read by `MICRO=auto`)
         print(f"| - Device memory : {torch.cuda.get_device_properties(0).total_memory / 2**30:.2f} GiB")
@@ -232,11 +256,12 @@ def pretrain(args: list[str], strategy: Strategy = "auto") -> None:
 def main(argv: list[str] | None = None) -> None:
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto")
+    own.add_argument("--early_checkpoints", choices=["true", "false"], default="false")
     ours, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("LOCAL_RANK", 0)) > 0:
         die_with_parent()  # a rank started by rank 0 goes when it goes
     try:
-        pretrain(rest, ours.strategy)
+        pretrain(rest, ours.strategy, ours.early_checkpoints == "true")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
