@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from litgpt import GPT
+from matplotlib.ticker import FuncFormatter, NullFormatter
 from tqdm import tqdm
 
 from tinystories_lab.configs import architecture
@@ -248,9 +249,11 @@ def write_timeline_figures(doc: dict, curves: tuple, out: Path) -> list[Path]:
     ]
 
 
-def _tokens_axis(ax) -> None:
+def _tokens_axis(ax, label: bool = True) -> None:
     ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _short(x)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("training tokens" if label else None)
     ax.grid(alpha=0.3)
 
 
@@ -289,13 +292,14 @@ def figure_scores(doc: dict, curves: tuple, path: Path) -> Path:
         if key == "induction":
             ax.axhline(INDUCTION_HEAD, color="red", ls=":", lw=1)
         ax.set(ylim=(0, 1), title=f"{SCORES[key]} score per head")
-        ax.legend(fontsize=6)
+        if key == TIMELINE_SCORES[0]:
+            ax.legend(fontsize=6)
         _tokens_axis(ax)
     early, late = icl_positions(doc["context"] or len(points[0]["loss_by_position"]))
     ax = axes[-1]
     ax.plot(tokens, [c["in_context_score"] for c in points], "o-", ms=3)
     ax.axhline(0, color="gray", lw=0.8)
-    ax.set(title=f"in-context score: loss at token {late} - token {early}", ylabel="nats")
+    ax.set(title=f"in-context score (token {late} - token {early})", ylabel="loss difference (nats)")
     _tokens_axis(ax)
     fig.suptitle(f"{doc['name']}: interpretability across training ({formation(doc)})", fontsize=10)
     fig.tight_layout()
@@ -321,16 +325,15 @@ def figure_heads(doc: dict, path: Path) -> Path:
             ax = axes[layer, head]
             for key in TIMELINE_SCORES:
                 ax.plot(tokens, [c["head_scores"][key][layer][head] for c in points], lw=1, label=SCORES[key])
-            ax.set_xscale("log")
+            _tokens_axis(ax, label=False)
             ax.set_ylim(0, 1)
-            ax.grid(alpha=0.3)
             ax.set_title(f"L{layer}H{head}", fontsize=8)
             ax.tick_params(labelsize=6)
     axes[0, 0].legend(fontsize=6)
     fig.supxlabel("training tokens")
     fig.supylabel("score (mean attention on the scored position)")
     fig.suptitle(f"{doc['name']}: head scores over training, layer x head", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1, top=0.9, hspace=0.45, wspace=0.15)  # fast
     return save(fig, path, dpi=100, crop=False)
 
 
@@ -351,11 +354,12 @@ def figure_loss_by_position(doc: dict, path: Path) -> Path:
     return save(fig, path, dpi=100, crop=False)
 
 
-def _short(n: int) -> str:
+def _short(n: float) -> str:
+    """A token count in a few characters: 4.1K, 16M, 9.7B."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.3g}{unit}"
-    return str(n)
+    return f"{n:g}"
 
 
 def load_timeline(out_dir: Path) -> dict | None:
