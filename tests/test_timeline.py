@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import entry, runner, write_queue
 
+from tinystories_lab.evaluate.report import report
 from tinystories_lab.interpret.timeline import icl_positions, in_context_score
 from tinystories_lab.pretrain import EarlySaves
 
@@ -80,3 +81,7 @@ def test_timeline_over_early_checkpoints_skips_a_damaged_one_and_matches_interpr
     main(["interpret-timeline", "--model", "early", *small])
     out = capsys.readouterr().out
     assert "(0 computed, 4 kept, 1 skipped)" in out
+
+    text = report(queues=[queue], out_dir=tmp_path / "report").read_text()
+    assert "## Induction heads across training" in text and (tmp_path / "report" / "timelines.png").is_file()
+    assert "| 4L_4H_128D | [`early`](../runs/early/interp/timeline.png) | 4 | none by 49,152 tokens" in text

@@ -285,7 +285,14 @@ def timelines_section(by_size: dict[str, dict[str, Run]], out_dir: Path) -> list
             link = os.path.relpath(run.out_dir / "interp" / "timeline.png", out_dir)
             rows.append([size, f"[`{run.name}`]({link})", len(points), first, icl])
             lines.append(f"- `{run.name}`: {formation(t)}.")
-    context = next(iter(next(iter(by_size.values())).values())).timeline.get("context") or 0
+    runs = [r for pair in by_size.values() for r in pair.values()]
+    if all(induction_onset(r.timeline) is None for r in runs):
+        most = max(r.timeline["checkpoints"][-1]["tokens"] for r in runs)
+        lines.append(
+            f"**No run here formed an induction head** (by up to {most:,} training tokens), so there is "
+            "no induction phase change to see in these curves: they show what comes before it."
+        )
+    context = runs[0].timeline.get("context") or 0
     early, late = icl_positions(context) if context else ("50", "500")
     return [
         table(header, rows),
