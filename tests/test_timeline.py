@@ -38,6 +38,18 @@ def test_early_saves_add_powers_of_two_below_the_interval():
     assert [s for s in range(1, 20) if s % EarlySaves(4) == 0] == [1, 2, 4, 8, 12, 16]
 
 
+def test_early_checkpoints_is_a_queue_flag(tmp_path):
+    from tinystories_lab.errors import UserError
+    from tinystories_lab.experiments.queue import validate
+    from tinystories_lab.experiments.runner import launch_command
+
+    e = {"name": "a", "config": "c.yaml", "status": "todo", "early_checkpoints": True}
+    assert "--early_checkpoints=true" in launch_command(e, None, [])
+    assert not any("early" in a for a in launch_command({**e, "early_checkpoints": False}, None, []))
+    with pytest.raises(UserError, match="early_checkpoints must be true or false, not 'yes'"):
+        validate([{**e, "early_checkpoints": "yes"}], tmp_path / "q.yaml", check_configs=False)
+
+
 @pytest.mark.slow
 def test_timeline_over_early_checkpoints_skips_a_damaged_one_and_matches_interpret(
     sample_data, tmp_path, capsys

@@ -342,7 +342,7 @@ def figure_loss_by_position(doc: dict, path: Path) -> Path:
     points = doc["checkpoints"]
     losses = torch.tensor([c["loss_by_position"] for c in points]).T  # (positions, checkpoints)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(points) + 3), 4.5))
-    image = ax.imshow(losses.numpy(), aspect="auto", origin="lower", cmap="magma_r",
+    image = ax.imshow(losses.numpy(), aspect="auto", origin="lower", cmap="magma_r", interpolation="nearest",
                       extent=(-0.5, len(points) - 0.5, 0.5, losses.shape[0] + 0.5))  # fmt: skip
     for position in icl_positions(losses.shape[0]):
         ax.axhline(position, color="cyan", ls=":", lw=1)
