@@ -124,8 +124,11 @@ def timeline(entry: dict, settings: dict, batch_size: int, device: str) -> Path:
     name, out_dir = entry["name"], out_dir_of(entry)
     checkpoints = saved_checkpoints(out_dir)
     if not checkpoints:
+        queue = entry.get("queue")  # the Makefile's QUEUE= defaults to experiments.yaml
+        queue_arg = f" QUEUE={queue}" if queue is not None and Path(queue) != Path("experiments.yaml") else ""
         raise UserError(
-            f"{name} has no checkpoints in {out_dir} yet: train it first (`make run-specific MODEL={name}`)."
+            f"{name} has no checkpoints in {out_dir} yet: train it first "
+            f"(`make run-specific MODEL={name}{queue_arg}`)."
         )
     path = out_dir / "interp" / TIMELINE
     path.parent.mkdir(parents=True, exist_ok=True)
