@@ -64,7 +64,7 @@ BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) 
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo demo-seeds \
-	eval eval-hf eval-reference sample report interpret interpret-compare export gguf serve install-gguf publish bench bench-sweep bench-generate bench-data \
+	eval eval-hf eval-reference sample report interpret interpret-compare interpret-timeline export gguf serve install-gguf publish bench bench-sweep bench-generate bench-data \
 	step-memory gpu-check speculative data-instruct data-instruct-sample finetune
 
 help: ## List every target with one line each
@@ -126,12 +126,13 @@ slurm-local: ## Start a SLURM cluster on this machine, NODES=1 (or 2: two slurmd
 slurm-local-stop: ## Stop the daemons `make slurm-local` started (by their PIDs in .slurm/)
 	bash scripts/slurm_local.sh stop
 
-demo: data-sample ## Offline demo: sample data, train both demo models (PRECISION=), eval, samples, interpret, report
+demo: data-sample ## Offline demo: sample data, train both demo models (PRECISION=), eval, samples, interpret, timelines, report
 	precision=$(or $(PRECISION),$$($(LAB) precision)) && \
 		$(LAB) run-all $(DEMO_QUEUE) --args="--precision=$$precision "'$(ARGS)'
 	$(LAB) eval $(DEMO_QUEUE)
 	$(LAB) sample $(DEMO_QUEUE)
 	$(LAB) interpret-compare gpt_demo llama_demo $(DEMO_QUEUE)
+	$(LAB) interpret-timeline $(DEMO_QUEUE)
 	$(LAB) report $(DEMO_QUEUE)
 
 demo-seeds: data-sample ## The demo with 3 seeds of each model (SEEDS=): the report gives intervals and Welch's t-test
@@ -168,6 +169,9 @@ interpret: ## Attention, head scores, neurons, ablations, logit lens of MODEL ->
 
 interpret-compare: ## GPT vs LLaMA page in experiments/report/interp/ (GPT=, LLAMA=: two experiment names)
 	$(LAB) interpret-compare '$(GPT)' '$(LLAMA)' $(QUEUES_FLAG) $(DEVICE_FLAG)
+
+interpret-timeline: ## Head scores, in-context score, loss by position of every checkpoint of MODEL (all done runs without it)
+	$(LAB) interpret-timeline $(if $(MODEL),--model '$(MODEL)') $(QUEUES_FLAG) $(DEVICE_FLAG)
 
 # Fine-tuning on instructions
 

@@ -33,6 +33,7 @@ from tinystories_lab.finetune.evaluate import evaluate_finetunes
 from tinystories_lab.finetune.run import finetune
 from tinystories_lab.hardware import resolve_device
 from tinystories_lab.interpret.run import interpret, interpret_compare
+from tinystories_lab.interpret.timeline import interpret_timeline
 from tinystories_lab.models import is_finetune, select_checkpoints
 
 
@@ -102,6 +103,7 @@ COMMANDS = {
     "serve": serve,
     "interpret": interpret,
     "interpret-compare": interpret_compare,
+    "interpret-timeline": interpret_timeline,
 }
 
 

@@ -15,6 +15,14 @@ from tinystories_lab.evaluate.reference import REFERENCE_DIR
 from tinystories_lab.evaluate.seeds import Summary, summarize, welch
 from tinystories_lab.experiments.queue import load_entries, queue_files
 from tinystories_lab.experiments.runs import Point, final_checkpoint, is_current, out_dir_of, read_curves
+from tinystories_lab.interpret.timeline import (
+    INDUCTION_HEAD,
+    best_head,
+    formation,
+    icl_positions,
+    induction_onset,
+    load_timeline,
+)
 from tinystories_lab.render import plt, save, table
 
 REPORT_DIR = Path("experiments/report")
@@ -68,6 +76,7 @@ class Run:
     seed: int = 0
     eval: dict | None = None
     samples: dict | None = None
+    timeline: dict | None = None
 
     @property
     def name(self) -> str:
@@ -104,6 +113,7 @@ def load_runs(queues: list[Path]) -> list[Run]:
         for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
             if is_current(out_dir / name, out_dir):  # not from before the run was extended
                 setattr(run, attr, json.loads((out_dir / name).read_text()))
+        run.timeline = load_timeline(out_dir)
         runs.append(run)
     return runs
 
@@ -255,6 +265,78 @@ def figure_throughput(evaluated: list[Run], path: Path) -> None:
     ax.set(ylabel="training tokens/s (median, all devices)", title="Training throughput")
     ax.tick_params(axis="x", rotation=30)
     save(fig, path, dpi=120, crop=False)
+
+
+def figure_timelines(by_size: dict[str, dict[str, Run]], path: Path) -> None:
+    """One column per size, GPT and LLaMA overlaid: validation loss, the best head's induction score and the
+    in-context score, against training tokens (from each run's interp/timeline.json)."""
+    rows = ("validation loss (nats/token)", "best induction score", "in-context score (nats)")
+    fig, axes = plt.subplots(3, len(by_size), figsize=(5 * len(by_size), 9), squeeze=False, layout="tight")
+    for column, (size, pair) in zip(axes.T, by_size.items()):
+        for arch, run in sorted(pair.items()):
+            points, color = run.timeline["checkpoints"], COLORS.get(arch)
+            tokens = [c["tokens"] for c in points]
+            column[0].plot([p.tokens for p in run.val], [p.value for p in run.val], "o-", ms=3, color=color,
+                           label=run.name)  # fmt: skip
+            induction = [best_head(c["head_scores"]["induction"])[1] for c in points]
+            column[1].plot(tokens, induction, "o-", ms=3, color=color, label=run.name)
+            icl = [c["in_context_score"] for c in points]
+            column[2].plot(tokens, icl, "o-", ms=3, color=color, label=run.name)
+            onset = induction_onset(run.timeline)
+            if onset is not None:
+                for ax in column:
+                    ax.axvline(onset[0]["tokens"], color=color, ls=":", lw=1)
+        column[1].axhline(INDUCTION_HEAD, color="gray", ls="--", lw=0.8)
+        column[1].set_ylim(0, 1)
+        column[2].axhline(0, color="gray", lw=0.8)
+        column[0].set_title(size)
+        for ax, label in zip(column, rows):
+            ax.set(xscale="log", xlabel="training tokens", ylabel=label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    save(fig, path, dpi=110, crop=False)
+
+
+def timelines_section(by_size: dict[str, dict[str, Run]], out_dir: Path) -> list[str]:
+    """When each run formed its first induction head, and its in-context score, as a table and in words."""
+    header = ["size", "run", "checkpoints", "first induction head", "in-context score, first -> last"]
+    rows, lines = [], []
+    for size, pair in by_size.items():
+        for _, run in sorted(pair.items()):
+            t = run.timeline
+            points = t["checkpoints"]
+            onset = induction_onset(t)
+            if onset is None:
+                head, score = best_head(points[-1]["head_scores"]["induction"])
+                first = f"none by {points[-1]['tokens']:,} tokens (best {head}: {score:.2f})"
+            else:
+                first = f"{onset[0]['tokens']:,} tokens (step {onset[0]['step']}, {onset[1]}: {onset[2]:.2f})"
+            icl = f"{points[0]['in_context_score']:+.2f} -> {points[-1]['in_context_score']:+.2f}"
+            link = os.path.relpath(run.out_dir / "interp" / "timeline.png", out_dir)
+            rows.append([size, f"[`{run.name}`]({link})", len(points), first, icl])
+            lines.append(f"- `{run.name}`: {formation(t)}.")
+    runs = [r for pair in by_size.values() for r in pair.values()]
+    if all(induction_onset(r.timeline) is None for r in runs):
+        most = max(r.timeline["checkpoints"][-1]["tokens"] for r in runs)
+        lines.append(
+            f"**No run here formed an induction head** (by up to {most:,} training tokens), so there is "
+            "no induction phase change to see in these curves: they show what comes before it."
+        )
+    context = runs[0].timeline.get("context") or 0
+    early, late = icl_positions(context) if context else ("50", "500")
+    return [
+        table(header, rows),
+        "",
+        *lines,
+        "",
+        "A head is an induction head from the first checkpoint where its induction score (mean attention "
+        "from the second copy of a random sequence to the token after the first copy) reaches "
+        f"{INDUCTION_HEAD}; dotted lines mark it. The in-context score is Olsson et al.'s: the loss at a "
+        f"late token of the context minus the loss at an early one (tokens {late} and {early} here; 500 and "
+        "50 in a 512-token context); it falls below 0 as the model learns to use its context. Each run's "
+        "`interp/timeline*.png` has every head and the loss at every position (`make interpret-timeline`).",
+        "",
+    ]
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -516,6 +598,10 @@ def report(
     for group in by_experiment(evaluated).values():
         by_size.setdefault(group[0].size, {})[group[0].arch] = group
     pairs = {size: pair for size, pair in by_size.items() if len(pair) == 2}
+    timelines: dict[str, dict[str, Run]] = {}
+    for r in runs:
+        if r.timeline and r.timeline["checkpoints"]:
+            timelines.setdefault(r.size, {})[r.arch] = r
 
     figures = {}
     if any(r.train for r in runs):
@@ -529,6 +615,9 @@ def report(
         figures["scaling"] = "Final validation loss, perplexity and bits per byte against true parameters"
         figure_throughput(evaluated, out_dir / "throughput.png")
         figures["throughput"] = "Training throughput"
+    if timelines:
+        figure_timelines(timelines, out_dir / "timelines.png")
+        figures["timelines"] = "Validation loss, best induction score and in-context score against tokens"
 
     lines = ["# TinyStories runs compared", "", f"Queues: {', '.join(f'`{q}`' for q in queues)}.", ""]
     lines += ["## Results", ""]
@@ -562,6 +651,9 @@ def report(
     drafts = speculative_pairs(runs)
     if drafts:
         lines += ["## Speculative decoding", ""] + speculative_section(drafts, out_dir / "speculative")
+    if timelines:
+        lines += ["## Induction heads across training", "", figure_link("timelines", figures), ""]
+        lines += timelines_section(timelines, out_dir)
     links = interpretability_links(runs, out_dir)
     if links:
         lines += ["## Interpretability", ""] + links + [""]

@@ -149,8 +149,9 @@ def _validate_fields(entry: dict, where: str, check_configs: bool) -> None:
         value = entry.get(field, 1)
         if not (type(value) is int and value >= 1):
             raise UserError(f"{where}: {field} must be a positive integer, not {value!r}.")
-    if type(entry.get("optional", False)) is not bool:
-        raise UserError(f"{where}: optional must be true or false, not {entry['optional']!r}.")
+    for field in ("optional", "early_checkpoints"):
+        if type(entry.get(field, False)) is not bool:
+            raise UserError(f"{where}: {field} must be true or false, not {entry[field]!r}.")
     if check_configs and not Path(entry["config"]).is_file():
         raise UserError(f"{where} names config {entry['config']}, which does not exist.")
     if not isinstance(entry.get("out_dir", ""), str):

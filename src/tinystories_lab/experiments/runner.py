@@ -294,6 +294,8 @@ def launch_command(entry: dict, logger: Logger | None, args: list[str]) -> list[
         f"--out_dir={out_dir_of(entry)}",
         "--resume=auto",
     ]  # fmt: skip
+    if entry.get("early_checkpoints"):
+        cmd.insert(4, "--early_checkpoints=true")
     if logger:
         cmd.append(f"--logger_name={logger}")
     return cmd + list(entry.get("args", [])) + args

@@ -43,6 +43,7 @@ from tinystories_lab.interpret.inputs import (
 from tinystories_lab.interpret.logit_lens import logit_lens, unembed
 from tinystories_lab.interpret.neurons import NeuronStats, neuron_stats
 from tinystories_lab.interpret.run import interpret, interpret_compare
+from tinystories_lab.interpret.timeline import in_context_score, interpret_timeline, loss_by_position
 
 __all__ = [
     "SCORES",
@@ -59,10 +60,13 @@ __all__ = [
     "head_components",
     "head_scores",
     "hooks",
+    "in_context_score",
     "induction_score",
     "interpret",
     "interpret_compare",
+    "interpret_timeline",
     "logit_lens",
+    "loss_by_position",
     "loss",
     "mean_activations",
     "mlp_components",

@@ -51,6 +51,25 @@ def repeated_tokens(
     return torch.stack(rows)
 
 
+def score_inputs(
+    trained: TrainedModel, tokens: np.ndarray, stories: int, repeats: int, period: int, seed: int, name: str
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What `head_scores` reads, as `interpret` and `interpret-timeline` use it: the first `stories`
+    validation stories (cut to the model's context) and `repeats` random repeated sequences of `period`
+    tokens."""
+    if 2 * period + 1 > trained.max_seq_length:
+        raise UserError(
+            f"--period {period} makes sequences of {2 * period + 1} tokens; {name} reads "
+            f"{trained.max_seq_length}."
+        )
+    tokenizer = trained.tokenizer
+    avoid = (tokenizer.eos_id, 0)  # 0 is <unk> in SentencePiece vocabularies
+    return (
+        validation_stories(tokens, tokenizer.bos_id, stories, trained.max_seq_length),
+        repeated_tokens(repeats, period, tokenizer.vocab_size, tokenizer.bos_id, avoid, seed),
+    )
+
+
 def token_labels(tokenizer: Tokenizer) -> list[str]:
     """A printable string for every token id, leading spaces kept (SentencePiece's '▁' becomes ' ')."""
     if tokenizer.backend == "sentencepiece":

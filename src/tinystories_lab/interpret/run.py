@@ -27,7 +27,7 @@ from tinystories_lab.interpret.attention import attention_patterns, write_attent
 from tinystories_lab.interpret.head_scores import head_scores, top_heads, write_head_scores
 from tinystories_lab.interpret.inputs import (
     label,
-    repeated_tokens,
+    score_inputs,
     token_labels,
     validation_stories,
     validation_tokens,
@@ -91,22 +91,18 @@ def interpret(
     entry = select_experiments(model, queues)[0]
     trained = load_trained(final_checkpoint_dir(entry), device=device)
     seq_len = trained.max_seq_length
-    if 2 * period + 1 > seq_len:
-        raise UserError(
-            f"--period {period} makes sequences of {2 * period + 1} tokens; {model} reads {seq_len}."
-        )
-    out = out_dir_of(entry) / "interp"
-    out.mkdir(parents=True, exist_ok=True)
     name = entry["name"]
     tokenizer = trained.tokenizer
     tokens = validation_tokens(trained)
-    val_stories = validation_stories(tokens, tokenizer.bos_id, max(stories, story + 1), seq_len)
+    score_stories, repeated = score_inputs(trained, tokens, stories, repeats, period, seed, name)
+    val_stories = validation_stories(tokens, tokenizer.bos_id, story + 1, seq_len)
     if story >= len(val_stories):
         raise UserError(f"--story {story}: the validation split holds {len(val_stories)} stories.")
     shown = (
         tokenizer.encode(text, bos=True)[:attention_tokens] if text else val_stories[story][:attention_tokens]
     )
-    avoid = (tokenizer.eos_id, 0)  # 0 is <unk> in SentencePiece vocabularies
+    out = out_dir_of(entry) / "interp"
+    out.mkdir(parents=True, exist_ok=True)
     inputs = Inputs(
         trained=trained,
         out=out,
@@ -114,8 +110,8 @@ def interpret(
         what=f"{name}: " + ("the given text" if text else f"validation story {story}"),
         labels=token_labels(tokenizer),
         shown=shown,
-        stories=val_stories[:stories],
-        repeated=repeated_tokens(repeats, period, tokenizer.vocab_size, tokenizer.bos_id, avoid, seed),
+        stories=score_stories,
+        repeated=repeated,
         windows=validation_windows(tokens, seq_len, windows),
         ablation_windows=ablation_windows,
         top_k=top_k,
