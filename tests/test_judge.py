@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from tinystories_lab.cli import main
-from tinystories_lab.evaluate.judge import GradeCache, Judge, JudgeError, cache_key, parse_grades
+from tinystories_lab.evaluate.judge import CRITERIA, GradeCache, Judge, JudgeError, cache_key, parse_grades
 from tinystories_lab.evaluate.quality import CACHE_NAME, grade_all, quality
+from tinystories_lab.evaluate.report import report
 
 FAKE = Path(__file__).with_name("fake_judge.py")
 GOOD = "Grammar: 8/10\nCreativity: 6/10\nConsistency: 7/10\nPlot: 5/10\nAge group: C"
@@ -210,3 +211,34 @@ def test_quality_with_litgpt_serve_as_the_judge(served_demo, trained_demos, tmp_
     assert err.startswith("error: The judge at ") and "cannot be reached" in err and "\n" not in err
     assert "2 graded stories are kept" in err
     assert len((run.parent / CACHE_NAME).read_text().splitlines()) == 2
+
+
+def test_the_report_puts_quality_beside_bits_per_byte_naming_the_judge(tmp_path):
+    config = "config_hub/pretrain/tiny_stories/demo/{}.yaml"
+    entries = []
+    for name, bpb, grammar in (("gpt_demo", 1.363, 3.0), ("llama_demo", 1.333, 4.0)):
+        out = tmp_path / name
+        (out / "final").mkdir(parents=True)
+        (out / "final" / "lit_model.pth").write_bytes(b"")
+        evaluation = {"tokens_trained": 1000, "loss": 3.8, "perplexity": 45.0, "bits_per_byte": bpb,
+                      "tokens_to_val_loss": {}, "eval_text": "sample"}  # fmt: skip
+        (out / "eval.json").write_text(json.dumps(evaluation))
+        summary = {"n": 50, "mean": grammar, "low": grammar - 0.5, "high": grammar + 0.5}
+        measures = {"completions": 50, "eos_share": 0.42, "mean_tokens": 80.0, "rep_2": 0.05,
+                    "distinct_2": 0.6, "rouge_4_precision": 0.3, "longest_overlap_words": {"mean": 6, "max": 11}}  # fmt: skip
+        judge = {"model": "qwen-judge", "unparseable": 2, "criteria": dict.fromkeys(CRITERIA, summary)}
+        quality_json = {"beginnings_version": 1, "measures": measures, "judge": judge}
+        (out / "quality.json").write_text(json.dumps(quality_json))
+        entries.append({"name": name, "config": config.format(name), "status": "done", "out_dir": str(out)})
+    queue = tmp_path / "q.yaml"
+    queue.write_text(yaml.safe_dump({"experiments": entries}))
+    text = report(queues=[queue], out_dir=tmp_path / "report").read_text()
+    assert "## Story quality" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `") and "qwen-judge" in line]
+    assert rows[0].startswith(
+        "| `gpt_demo` | gpt | 4L_4H_128D | 1.363 | 50 (v1) | 42% | 80.0 | 0.050 | 0.600"
+    )
+    assert "| 0.300 | 11 | `qwen-judge` | 3.00 [2.50, 3.50] |" in rows[0] and rows[0].endswith("| 2 |")
+    assert (
+        rows[1].startswith("| `llama_demo` | llama | 4L_4H_128D | 1.333 |") and "4.00 [3.50, 4.50]" in rows[1]
+    )
