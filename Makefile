@@ -45,6 +45,7 @@ LR ?=
 BENCH_OUT ?= benchmarks/results
 JUDGE_URL ?=
 JUDGE_MODEL ?=
+JUDGE_TIMEOUT ?=
 
 # QUEUE=file limits every target that takes experiments to that queue file; without it the run targets
 # use experiments.yaml and the others experiments.yaml and experiments.demo.yaml.
@@ -140,7 +141,8 @@ sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=, DEVIC
 
 quality: ## Story quality of finished runs -> quality.json: judge-free measures; the paper's grades with JUDGE_URL= JUDGE_MODEL= (MODEL=, DEVICE=)
 	$(LAB) quality $(if $(MODEL),--model '$(MODEL)') $(if $(JUDGE_URL),--judge_url '$(JUDGE_URL)') \
-		$(if $(JUDGE_MODEL),--judge_model '$(JUDGE_MODEL)') $(QUEUES_FLAG) $(DEVICE_FLAG)
+		$(if $(JUDGE_MODEL),--judge_model '$(JUDGE_MODEL)') $(if $(JUDGE_TIMEOUT),--judge_timeout $(JUDGE_TIMEOUT)) \
+		$(QUEUES_FLAG) $(DEVICE_FLAG)
 
 report: ## Compare every run in experiments/report/README.md with figures
 	$(LAB) report $(QUEUES_FLAG)

@@ -117,7 +117,9 @@ class Judge:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode(errors="replace").replace("\n", " ")
-            hint = f" (set {API_KEY_VARIABLE})" if e.code in (401, 403) else ""
+            hints = {401: f" (set {API_KEY_VARIABLE})", 403: f" (set {API_KEY_VARIABLE})",
+                     404: " (give the API's base, e.g. http://host:8000/v1)"}  # fmt: skip
+            hint = hints.get(e.code, "")
             raise JudgeError(f"{where} answered HTTP {e.code}{hint}: {detail}") from None
         except TimeoutError:
             raise JudgeError(f"{where} did not answer within {self.timeout:g} s (JUDGE_TIMEOUT=).") from None
