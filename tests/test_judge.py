@@ -1,8 +1,11 @@
 """The judge client against real server processes on 127.0.0.1: a stdlib server that answers well, late or
 in garbage, and (slow) `litgpt serve --openai_spec true` on a demo checkpoint, through `make quality`."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -168,18 +171,24 @@ def served_demo(trained_demos, tmp_path):
     cmd = [str(litgpt), "serve", str(judge_dir), "--openai_spec", "true", "--port", str(port),
            "--accelerator", "cpu", "--max_new_tokens", "12"]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    # its own process group: litserve's workers are child processes that keep the port open
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", p, 240)
-        yield f"http://127.0.0.1:{port}/v1", p
+        yield f"http://127.0.0.1:{port}/v1", stop
     finally:
-        p.kill()
-        p.wait()
+        stop()
 
 
 @pytest.mark.slow
 def test_quality_with_litgpt_serve_as_the_judge(served_demo, trained_demos, tmp_path, capsys):
-    url, server = served_demo
+    url, stop_server = served_demo
     beginnings = tmp_path / "beginnings.json"
     found = json.loads((Path("src/tinystories_lab/evaluate/beginnings.json")).read_text())
     beginnings.write_text(json.dumps(found | {"beginnings": found["beginnings"][:2]}))
@@ -197,8 +206,7 @@ def test_quality_with_litgpt_serve_as_the_judge(served_demo, trained_demos, tmp_
     cached = [json.loads(line) for line in (run.parent / CACHE_NAME).read_text().splitlines()]
     assert len(cached) == 2 and all(len(e["result"]["answers"]) in (2, 3) for e in cached)
     # the server gone, a rerun costs nothing: every answer comes from the cache
-    server.kill()
-    server.wait()
+    stop_server()
     [again] = quality(**args)
     assert again["judge"] == judge
     assert "0 stories graded now, 2 from the cache" in capsys.readouterr().out
