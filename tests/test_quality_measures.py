@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import yaml
 
+from tinystories_lab.data.sources import load_split
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.measures import (
     TrainingNgrams,
@@ -14,7 +16,7 @@ from tinystories_lab.evaluate.measures import (
     uses_words,
     words,
 )
-from tinystories_lab.evaluate.quality import BEGINNINGS, load_beginnings
+from tinystories_lab.evaluate.quality import BEGINNINGS, load_beginnings, training_stories
 
 
 def test_words_ignore_case_and_punctuation():
@@ -89,3 +91,20 @@ def test_the_beginnings_are_versioned_and_cut_mid_sentence(tmp_path):
     with pytest.raises(UserError, match="is not a beginnings file"):
         load_beginnings(bad)
     assert BEGINNINGS.name == "beginnings.json"
+
+
+def test_memorization_compares_with_the_runs_training_split_and_a_fine_tunes_base(tmp_path):
+    base, tuned, other = tmp_path / "base", tmp_path / "tuned", tmp_path / "other"
+    data = {"class_path": "tinystories_lab.data.TinyStories", "init_args": {"source": "sample"}}
+    for folder, hparams in (
+        (base, {"data": data}),
+        (tuned, {"checkpoint_dir": str(base), "data": {"class_path": "litgpt.data.JSON"}}),
+        (other, {"data": {"class_path": "litgpt.data.TinyStories"}}),
+    ):
+        folder.mkdir()
+        (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams))
+    stories, described = training_stories(tuned, 10)
+    assert stories == load_split("sample", "train")[:10]
+    assert described == "sample train split, 10 of 2,066 stories"
+    with pytest.raises(UserError, match="so its training stories are unknown: run with --memorization false"):
+        training_stories(other, 10)
