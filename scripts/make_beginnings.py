@@ -1,10 +1,10 @@
 """Write src/tinystories_lab/evaluate/beginnings.json: the fixed story beginnings of `make quality`.
 
-Stories spread evenly over the bundled sample's validation split (every len // 50-th), cut
-mid-sentence (as the TinyStories paper's
-evaluation does) after about a third of its words (12 to 40 words), plus three words of the whole story
-(`make finetune`'s sample rule) that a fine-tune's instruction asks for. Rerun only to make a new version
-(bump VERSION): quality results are comparable only between runs scored on the same version.
+Stories spread evenly over the bundled sample's validation split (every len // 50-th), cut mid-sentence
+(as the TinyStories paper's evaluation does) after about a third of its words (12 to 40 words), plus three
+words of the whole story (`make finetune`'s sample rule) and the instruction asking a fine-tune for them.
+Rerun only to make a new version (bump VERSION): quality results compare only between runs scored on the
+same version.
 """
 
 import json
@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from tinystories_lab.data.sources import load_split
-from tinystories_lab.finetune.data import drawn_words
+from tinystories_lab.finetune.data import drawn_words, instruction
 
 VERSION = 1
 COUNT = 50
@@ -39,7 +39,8 @@ def main() -> None:
         text = cut(story)
         if text is None or len(story.split()) < 40:
             continue
-        beginnings.append({"beginning": text, "words": sorted(drawn_words(story, rng))})
+        words = sorted(drawn_words(story, rng))
+        beginnings.append({"beginning": text, "words": words, "instruction": instruction(words)})
         if len(beginnings) == COUNT:
             break
     OUT.write_text(json.dumps({

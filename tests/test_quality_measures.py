@@ -85,6 +85,10 @@ def test_the_beginnings_are_versioned_and_cut_mid_sentence(tmp_path):
     assert found["version"] == 1 and len(found["beginnings"]) == 50
     for b in found["beginnings"]:
         assert b["beginning"][-1] not in '.!?"' and len(b["words"]) == 3
+        assert (
+            b["instruction"]
+            == f"Write a story that uses the words {b['words'][0]}, {b['words'][1]} and {b['words'][2]}."
+        )
         assert 12 <= len(b["beginning"].split()) <= 40
     bad = tmp_path / "b.json"
     bad.write_text(json.dumps({"version": 1, "beginnings": [{"text": "x"}]}))

@@ -22,7 +22,6 @@ from tinystories_lab.evaluate.judge import AGE_GROUPS, CRITERIA, GradeCache, Jud
 from tinystories_lab.evaluate.measures import TrainingNgrams, judge_free, mean_interval
 from tinystories_lab.evaluate.samples import sample_story
 from tinystories_lab.files import write_atomic
-from tinystories_lab.finetune.data import instruction
 from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import TrainedModel, load_trained, results_dir, select_checkpoints
 
@@ -31,14 +30,17 @@ CACHE_NAME = "quality-judge-cache.jsonl"
 
 
 def load_beginnings(path: Path = BEGINNINGS) -> dict:
-    """The versioned beginnings file: {'version', 'source', 'beginnings': [{'beginning', 'words'}]}."""
+    """The versioned beginnings file: {'version', 'source', 'beginnings': [{'beginning', 'words',
+    'instruction'}]}: a story's start, three of its words, and the instruction asking a fine-tune for them."""
     try:
         found = json.loads(Path(path).read_text())
-        assert all(isinstance(b["beginning"], str) and b["words"] for b in found["beginnings"])
+        assert all(
+            isinstance(b["beginning"], str) and b["words"] and b["instruction"] for b in found["beginnings"]
+        )
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise UserError(
             f"{path} is not a beginnings file (JSON with 'version' and 'beginnings': [{{'beginning', "
-            "'words'}]); see src/tinystories_lab/evaluate/beginnings.json."
+            "'words', 'instruction'}]); see src/tinystories_lab/evaluate/beginnings.json."
         ) from None
     return found
 
@@ -73,7 +75,7 @@ def complete(
     style = load_prompt_style(cp) if has_prompt_style(cp) else None
     out = []
     for i, b in enumerate(tqdm(beginnings, desc=f"completions {name}", unit="story")):
-        prompt = b["beginning"] if style is None else instruction(b["words"])
+        prompt = b["beginning"] if style is None else b["instruction"]
         s = sample_story(trained, prompt, seed + i, max_new_tokens, temperature, top_k, style)
         out.append({
             "beginning": prompt, "completion": s["continuation"], "words": b["words"], "seed": s["seed"],
