@@ -48,6 +48,9 @@ BENCH_OUT ?= benchmarks/results
 NODES ?= 1
 QUANT ?= f32
 PORT ?= 8000
+JUDGE_URL ?=
+JUDGE_MODEL ?=
+JUDGE_TIMEOUT ?=
 
 # QUEUE=file limits every target that takes experiments to that queue file; without it the run targets
 # use experiments.yaml and the others experiments.yaml and experiments.demo.yaml.
@@ -64,7 +67,7 @@ BENCH_FLAGS = $(if $(MODEL),--model '$(MODEL)') $(if $(STEPS),--steps $(STEPS)) 
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint configs data data-sample list run-next run-specific run-all reset cancel slurm-local slurm-local-stop demo demo-seeds \
-	eval eval-hf eval-reference sample report interpret interpret-compare interpret-timeline export gguf serve install-gguf publish bench bench-sweep bench-generate bench-data \
+	eval eval-hf eval-reference sample quality report interpret interpret-compare interpret-timeline export gguf serve install-gguf publish bench bench-sweep bench-generate bench-data \
 	step-memory gpu-check speculative data-instruct data-instruct-sample finetune
 
 help: ## List every target with one line each
@@ -157,6 +160,11 @@ eval-reference: ## The published TinyStories models, pinned, scored as eval-hf d
 
 sample: ## Stories from finished runs for fixed prompts and seeds (MODEL=, DEVICE=)
 	$(LAB) sample $(if $(MODEL),--model '$(MODEL)') $(QUEUES_FLAG) $(DEVICE_FLAG)
+
+quality: ## Story quality of finished runs -> quality.json: judge-free measures; the paper's grades with JUDGE_URL= JUDGE_MODEL= (MODEL=, DEVICE=)
+	$(LAB) quality $(if $(MODEL),--model '$(MODEL)') $(if $(JUDGE_URL),--judge_url '$(JUDGE_URL)') \
+		$(if $(JUDGE_MODEL),--judge_model '$(JUDGE_MODEL)') $(if $(JUDGE_TIMEOUT),--judge_timeout $(JUDGE_TIMEOUT)) \
+		$(QUEUES_FLAG) $(DEVICE_FLAG)
 
 report: ## Compare every run in experiments/report/README.md with figures
 	$(LAB) report $(QUEUES_FLAG)

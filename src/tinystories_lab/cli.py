@@ -18,6 +18,7 @@ from tinystories_lab.data.prepare import prepare
 from tinystories_lab.data.sources import Separator
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import evaluate_runs
+from tinystories_lab.evaluate.quality import quality
 from tinystories_lab.evaluate.reference import eval_hf, eval_reference
 from tinystories_lab.evaluate.report import report
 from tinystories_lab.evaluate.samples import sample
@@ -87,6 +88,7 @@ COMMANDS = {
     "eval-hf": eval_hf,
     "eval-reference": eval_reference,
     "sample": sample,
+    "quality": quality,
     "report": report,
     "speculative": speculative,
     "data-instruct": data_instruct,

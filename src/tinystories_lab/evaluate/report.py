@@ -11,6 +11,7 @@ import yaml
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from tinystories_lab.configs import architecture, count_parameters, model_config, parse_config
+from tinystories_lab.evaluate.judge import CRITERIA
 from tinystories_lab.evaluate.reference import REFERENCE_DIR
 from tinystories_lab.evaluate.seeds import Summary, summarize, welch
 from tinystories_lab.experiments.queue import load_entries, queue_files
@@ -77,6 +78,7 @@ class Run:
     eval: dict | None = None
     samples: dict | None = None
     timeline: dict | None = None
+    quality: dict | None = None
 
     @property
     def name(self) -> str:
@@ -110,7 +112,7 @@ def load_runs(queues: list[Path]) -> list[Run]:
             train=train,
             val=val,
         )
-        for attr, name in (("eval", "eval.json"), ("samples", "samples.json")):
+        for attr, name in (("eval", "eval.json"), ("samples", "samples.json"), ("quality", "quality.json")):
             if is_current(out_dir / name, out_dir):  # not from before the run was extended
                 setattr(run, attr, json.loads((out_dir / name).read_text()))
         run.timeline = load_timeline(out_dir)
@@ -518,6 +520,50 @@ def pairs_section(pairs: dict[str, dict[str, list[Run]]]) -> list[str]:
     ]
 
 
+def interval(summary: dict) -> str:
+    """'7.21 [6.90, 7.52]': a criterion's mean and 95% interval."""
+    if summary["mean"] is None:
+        return "-"
+    return f"{summary['mean']:.2f} [{summary['low']:.2f}, {summary['high']:.2f}]"
+
+
+def quality_section(runs: list[Run]) -> list[str]:
+    """Story quality (`make quality`) beside bits per byte, GPT and LLaMA of each size next to each other;
+    the judge's grades name the judge model."""
+    header = ["run", "arch", "size", "bits/byte", "completions", "ended (EOS)", "mean tokens", "rep-2",
+              "distinct-2", "Rouge-k precision", "longest overlap (max words)", "judge", "grammar",
+              "creativity", "consistency", "plot", "unparseable"]  # fmt: skip
+    rows = []
+    smallest = {}  # each size's smallest run, to order sizes small to large with GPT and LLaMA together
+    for r in runs:
+        smallest[r.size] = min(smallest.get(r.size, r.parameters), r.parameters)
+    for r in sorted(runs, key=lambda r: (smallest[r.size], r.size, r.arch)):
+        q, m = r.quality, r.quality["measures"]
+        rouge = next((v for k, v in m.items() if k.startswith("rouge_")), None)
+        overlap = m.get("longest_overlap_words") or {}
+        j = q.get("judge")
+        judged = (
+            [f"`{j['model']}`"] + [interval(j["criteria"][c]) for c in CRITERIA] + [str(j["unparseable"])]
+        )
+        rows.append([
+            f"`{r.name}`", r.arch, r.size, fmt(r.eval["bits_per_byte"]) if r.eval else "-",
+            f"{m['completions']} (v{q['beginnings_version']})", fmt(m["eos_share"], ".0%"),
+            fmt(m["mean_tokens"], ".1f"), fmt(m["rep_2"]), fmt(m["distinct_2"]), fmt(rouge),
+            fmt(overlap.get("max"), "d"),
+        ] + (judged if j else ["-"] * 6))  # fmt: skip
+    return [
+        table(header, rows),
+        "",
+        "Completions of the fixed story beginnings (`make quality`; v = their version), sampled with the "
+        "settings in each quality.json. rep-2: the share of repeated word pairs within a completion; "
+        "distinct-2: distinct word pairs over all completions; Rouge-k precision: the share of a "
+        "completion's k-word sequences found in the training stories. The grades (1-10, mean and 95% "
+        "interval) are the TinyStories paper's, by the judge model named: scores from different judges do "
+        "not compare. See docs/evaluation.md.",
+        "",
+    ]
+
+
 def speculative_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
     """Finished runs that can draft for one another: a smaller one into a larger one of the same architecture,
     or a GPT into a larger LLaMA."""
@@ -639,6 +685,9 @@ def report(
         samples = samples_section(pairs)
         if samples:
             lines += ["### Samples, side by side", "", SAMPLES_NOTE, ""] + samples
+    rated = [r for r in runs if r.finished and r.quality]
+    if rated:
+        lines += ["## Story quality", ""] + quality_section(rated)
     if evaluated:
         lines += [
             "## Size and speed",

@@ -57,11 +57,18 @@ def sample_story(
     trained.model.clear_kv_cache()
     stopped_at_eos = len(out) > 0 and out[-1].item() == tokenizer.eos_id
     story = out[:-1] if stopped_at_eos else out
+    # the prompt and its continuation, or an instruction's response alone
+    text = tokenizer.decode(story if style else torch.cat([ids[1:].long(), story.long()]))
+    # what the model wrote, decoded with the prompt so that the space between them is kept
+    if style:
+        continuation = text
+    else:
+        continuation = text[len(prompt) :] if text.startswith(prompt) else tokenizer.decode(story)
     return {
         "prompt": prompt,
         "seed": seed,
-        # the prompt and its continuation, or an instruction's response alone
-        "text": tokenizer.decode(story if style else torch.cat([ids[1:].long(), story.long()])),
+        "text": text,
+        "continuation": continuation,
         "tokens": len(out),
         "stopped_at_eos": stopped_at_eos,
     }
