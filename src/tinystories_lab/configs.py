@@ -12,7 +12,7 @@ from jsonargparse import ArgumentParser, capture_parser
 from litgpt import GPT, Config
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.render import format_table
+from tinystories_lab.render import text_table
 
 CONFIG_HUB = Path("config_hub/pretrain/tiny_stories")
 
@@ -155,4 +155,4 @@ def configs(paths: list[Path] | None = None) -> None:
         ]
         for s in summaries
     ]
-    print(format_table(rows, header))
+    print(text_table(header, rows))

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["escape", "format_table", "plt", "save", "table"]
+__all__ = ["escape", "markdown_table", "plt", "save", "text_table"]
 
 
 def escape(text: str) -> str:
@@ -19,7 +19,7 @@ def escape(text: str) -> str:
     return text.replace("\r", "").replace("\n", "⏎")
 
 
-def table(header: list, rows: list[list], align: str | None = None) -> str:
+def markdown_table(header: list, rows: list[list], align: str | None = None) -> str:
     """A Markdown table. `align` has one letter per column, 'l' (left) or 'r' (right); without it the
     columns keep the renderer's default alignment."""
     if align is None:
@@ -33,8 +33,8 @@ def _row(cells: list) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def format_table(rows: list[list], header: list[str]) -> str:
-    """A plain left-aligned text table, for the terminal."""
+def text_table(header: list[str], rows: list[list]) -> str:
+    """A plain left-aligned text table, for the terminal (arguments in `markdown_table`'s order)."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = [header, ["-" * w for w in widths], *rows]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines)

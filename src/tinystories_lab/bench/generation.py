@@ -31,7 +31,7 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.export.gguf import write_gguf
 from tinystories_lab.export.gguf_parity import INSTALL_HINT, greedy_llama
 from tinystories_lab.export.hf import hf_config, hf_state_dict, write_model
-from tinystories_lab.render import table
+from tinystories_lab.render import markdown_table
 
 PROMPT = [1, 400, 300, 200, 100]  # BOS and four fixed ids: below every config's vocabulary
 ENGINES = ("litgpt", "transformers", "llama.cpp f32", "llama.cpp q8_0")
@@ -166,4 +166,4 @@ def generate_page(report: dict) -> str:
         + f". Median of {report['repeats']} runs after a warm-up. 1-minute load average "
         + "{before:.1f} before, {after:.1f} after.".format(**report["load_average_1min"])
     )
-    return "\n".join([caption, "", table(["model", "parameters", "new tokens", *ENGINES], rows)])
+    return "\n".join([caption, "", markdown_table(["model", "parameters", "new tokens", *ENGINES], rows)])

@@ -36,7 +36,7 @@ from tinystories_lab.bench.training import (
 from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.hardware import resolve_device
-from tinystories_lab.render import table
+from tinystories_lab.render import markdown_table
 
 DATASHEET_BF16_TFLOPS = (  # dense bf16 tensor-core peaks from NVIDIA's datasheets, by device-name substring
     ("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
@@ -222,7 +222,7 @@ def check_markdown(report: dict) -> str:
          f"{v['peak_memory_gib']:.2f}", "yes" if v["fits_memory_target"] else "no"]
         for v in report["variants"]
     ]  # fmt: skip
-    lines.append(table(header, rows))
+    lines.append(markdown_table(header, rows))
     d = report["demo"]
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in d["seconds"].items())
     lines += [

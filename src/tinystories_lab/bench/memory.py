@@ -18,7 +18,7 @@ from tinystories_lab.bench.training import Setting, resolve_config, run_project
 from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.hardware import resolve_device
-from tinystories_lab.render import format_table
+from tinystories_lab.render import text_table
 
 VARIANTS = [
     f"{arch}_{shape}" for shape in ("6L_6H_288D", "8L_8H_768D", "12L_8H_1024D") for arch in ("gpt", "llama")
@@ -119,5 +119,5 @@ def step_memory(
         ]
         for r in rows
     ]
-    print(format_table(table, ["config", "micro", "peak GiB", "under 16 GB"]))
+    print(text_table(["config", "micro", "peak GiB", "under 16 GB"], table))
     return rows

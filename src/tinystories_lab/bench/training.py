@@ -32,7 +32,7 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.queue import find, load_entries
 from tinystories_lab.experiments.runs import metrics_files
 from tinystories_lab.hardware import cpu_count, resolve_device
-from tinystories_lab.render import table
+from tinystories_lab.render import markdown_table
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 RESULTS_DIR = Path("benchmarks/results")
@@ -319,7 +319,7 @@ def bench_page(report: dict) -> str:
         f"Tokens/s from the median step time of {report['steps']} steps after {report['warmup']} warm-up "
         f"steps; each path run {report['repeats']} time(s), alternated, the median run shown."
     )
-    return "\n".join([caption, "", table(header, rows)])
+    return "\n".join([caption, "", markdown_table(header, rows)])
 
 
 def bench(

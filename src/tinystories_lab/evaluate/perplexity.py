@@ -19,7 +19,7 @@ from tinystories_lab.data.tokens import encode_stories, stories_fingerprint
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import Checkpoint, metrics_files, read_curves, world_size
 from tinystories_lab.models import TrainedModel, load_trained, results_dir, training_data
-from tinystories_lab.render import format_table
+from tinystories_lab.render import text_table
 
 THRESHOLDS = [4.0, 3.0, 2.0, 1.5, 1.25, 1.0]
 
@@ -178,7 +178,7 @@ def evaluate_runs(
              f"{r['train_wall_time_s'] / 60:.1f} min" if r["train_wall_time_s"] else "-"]
             for r in results
         ]  # fmt: skip
-        print(format_table(rows, header))
+        print(text_table(header, rows))
     return results
 
 

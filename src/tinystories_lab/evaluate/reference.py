@@ -22,7 +22,7 @@ from tinystories_lab.evaluate.perplexity import validation_text, window_loss
 from tinystories_lab.export.hf import BOUNDARY_KEY
 from tinystories_lab.files import write_atomic
 from tinystories_lab.hardware import resolve_device
-from tinystories_lab.render import format_table
+from tinystories_lab.render import text_table
 
 REFERENCE_DIR = Path("experiments/reference")
 Boundary = Literal["auto", "bos", "eos", "bos_eos"]
@@ -286,7 +286,7 @@ def print_table(results: list[dict]) -> None:
          f"{r['bits_per_byte']:.4f}", f"{r['tokens_per_byte']:.4f}"]
         for r in results
     ]  # fmt: skip
-    print(format_table(rows, header))
+    print(text_table(header, rows))
 
 
 def eval_hf(

@@ -24,7 +24,7 @@ from tinystories_lab.interpret.timeline import (
     induction_onset,
     load_timeline,
 )
-from tinystories_lab.render import plt, save, table
+from tinystories_lab.render import markdown_table, plt, save
 
 REPORT_DIR = Path("experiments/report")
 ANCHORS = Path(__file__).with_name("anchors.yaml")
@@ -327,7 +327,7 @@ def timelines_section(by_size: dict[str, dict[str, Run]], out_dir: Path) -> list
     context = runs[0].timeline.get("context") or 0
     early, late = icl_positions(context) if context else ("50", "500")
     return [
-        table(header, rows),
+        markdown_table(header, rows),
         "",
         *lines,
         "",
@@ -386,7 +386,7 @@ def results_table(evaluated: list[Run], thresholds: list[str], references: list[
         cells = [name, r["model_type"], r["size"], params, "-", fmt(r["loss"]), fmt(r["perplexity"], ".2f"),
                  fmt(r["bits_per_byte"]), "-", "-"]  # fmt: skip
         rows.append(cells + ["-"] * len(thresholds))
-    return [table(header, rows)]
+    return [markdown_table(header, rows)]
 
 
 def samples_section(pairs: dict[str, dict[str, list[Run]]]) -> list[str]:
@@ -400,7 +400,12 @@ def samples_section(pairs: dict[str, dict[str, list[Run]]]) -> list[str]:
             [repr(a["prompt"]) + f" (seed {a['seed']})", _cell(a), _cell(b)]
             for a, b in zip(gpt.samples["samples"], llama.samples["samples"])
         ]
-        lines += [f"#### {size}", "", table(["prompt", f"`{gpt.name}`", f"`{llama.name}`"], rows), ""]
+        lines += [
+            f"#### {size}",
+            "",
+            markdown_table(["prompt", f"`{gpt.name}`", f"`{llama.name}`"], rows),
+            "",
+        ]
     return lines
 
 
@@ -420,7 +425,7 @@ def anchors_section(anchors: dict, references: list[dict] = ()) -> list[str]:
          a.get("approx_bits_per_byte", "-"), a["source"]]
         for a in quoted
     ]  # fmt: skip
-    lines = [table(header, rows)]
+    lines = [markdown_table(header, rows)]
     dropped = [a["model"] for a in anchors["validation_loss"] if a not in quoted]
     if dropped:
         lines += ["", f"Measured here on the same stories, so not quoted: {', '.join(dropped)}."]
@@ -458,7 +463,7 @@ def pending_section(pending: list[Run]) -> list[str]:
         else:
             why = "not evaluated (since its final checkpoint): `make eval`"
         rows.append([f"`{r.name}`", r.entry["status"], why])
-    return ["### Not in the comparison", "", table(["run", "status", "why"], rows), ""]
+    return ["### Not in the comparison", "", markdown_table(["run", "status", "why"], rows), ""]
 
 
 def seeds_section(evaluated: list[Run]) -> list[str]:
@@ -473,7 +478,7 @@ def seeds_section(evaluated: list[Run]) -> list[str]:
         seeds = ", ".join(str(r.seed) for r in group)
         rows.append([f"`{name}`", f"{len(group)} ({seeds})", _mean_sd(loss), _interval(loss), _mean_sd(bpb),
                      _interval(bpb)])  # fmt: skip
-    return [table(header, rows), "", SEEDS_NOTE, ""] if rows else []
+    return [markdown_table(header, rows), "", SEEDS_NOTE, ""] if rows else []
 
 
 def _mean_sd(s: Summary) -> str:
@@ -513,7 +518,7 @@ def pairs_section(pairs: dict[str, dict[str, list[Run]]]) -> list[str]:
             welch_cell(g, ll),
         ])  # fmt: skip
     return [
-        table(header, rows),
+        markdown_table(header, rows),
         "",
         "Same shapes; the LLaMA variants have more parameters (SwiGLU's third MLP matrix). " + WELCH_NOTE,
         "",
@@ -552,7 +557,7 @@ def quality_section(runs: list[Run]) -> list[str]:
             fmt(overlap.get("max"), "d"),
         ] + (judged if j else ["-"] * 6))  # fmt: skip
     return [
-        table(header, rows),
+        markdown_table(header, rows),
         "",
         "Completions of the fixed story beginnings (`make quality`; v = their version), sampled with the "
         "settings in each quality.json. rep-2: the share of repeated word pairs within a completion; "
@@ -599,7 +604,7 @@ def speculative_section(pairs: list[tuple[Run, Run]], folder: Path) -> list[str]
             f"{o['target_tokens_per_s']:,.1f}", f"**{o['speed_up']:.2f}x**",
         ])  # fmt: skip
     return [
-        table(header, rows),
+        markdown_table(header, rows),
         "",
         "Greedy decoding on the fixed prompts of `make sample`; the output equals the target's own. "
         "Speed-up: tokens/s with the draft over the target decoding alone, on the device each file names "

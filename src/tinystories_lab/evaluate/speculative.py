@@ -28,7 +28,7 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.samples import PROMPTS
 from tinystories_lab.hardware import resolve_device
 from tinystories_lab.models import TrainedModel, load_trained, select_checkpoints
-from tinystories_lab.render import escape, format_table, table
+from tinystories_lab.render import escape, markdown_table, text_table
 
 SPECULATIVE_DIR = Path("experiments/report/speculative")
 SEED = 1234
@@ -186,7 +186,7 @@ def speculative_markdown(result: dict) -> str:
         f"tokens per round, {mode}, at most {result['max_new_tokens']} new tokens per prompt, fastest of "
         f"{result['repeats']} runs each; {result['device']}, torch {result['torch']}.",
         "",
-        table(header, rows, "lrrrrrrl"),
+        markdown_table(header, rows, "lrrrrrrl"),
         "",
         "Acceptance: draft tokens the target kept / draft tokens proposed. Tokens / target pass: new tokens "
         "per forward pass of the target (the prompt's included); the target alone makes one per pass. "
@@ -291,7 +291,7 @@ def speculative(
          f"{p['target_tokens_per_s']:.1f}", f"{p['speed_up'] or 0:.2f}x", p["same_as_target"]]
         for p in measured
     ]  # fmt: skip
-    print(format_table(rows, header))
+    print(text_table(header, rows))
     print(
         f"{draft_name} -> {target_name}: acceptance {overall['acceptance_rate']:.3f}, "
         f"{overall['speculative_tokens_per_s']:.1f} vs {overall['target_tokens_per_s']:.1f} tokens/s alone "

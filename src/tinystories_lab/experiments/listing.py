@@ -12,7 +12,7 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import slurm
 from tinystories_lab.experiments.queue import Queue, queue_files
 from tinystories_lab.experiments.runs import last_val_loss, newest_loadable, out_dir_of
-from tinystories_lab.render import format_table
+from tinystories_lab.render import text_table
 
 
 def experiment_row(entry: dict) -> list[str]:
@@ -67,7 +67,7 @@ def list_experiments(queues: list[Path] | None = None) -> None:
     header = ["name", "arch", "size", "params", "seed", "status", "progress (tokens)", "val loss"]
     for path in queue_files(queues):
         print(f"{path}:")
-        print(format_table([experiment_row(e) for e in Queue(path).load()], header) + "\n")
+        print(text_table(header, [experiment_row(e) for e in Queue(path).load()]) + "\n")
 
 
 def _last_line(text: str) -> str:

@@ -11,7 +11,7 @@ from tinystories_lab.configs import count_parameters
 from tinystories_lab.experiments.runs import Checkpoint, is_current, world_size
 from tinystories_lab.export.parity import Parity
 from tinystories_lab.models import TrainedModel, is_finetune
-from tinystories_lab.render import table
+from tinystories_lab.render import markdown_table
 
 STYLE = {
     "GPTNeoXForCausalLM": "GPT-style (LayerNorm, GELU MLP, RoPE)",
@@ -80,7 +80,7 @@ tags:
 
 def _table(rows: list[tuple[str, object]]) -> str:
     """A two-column table of facts, with an empty header."""
-    return table(["", ""], rows)
+    return markdown_table(["", ""], rows)
 
 
 def _architecture(trained: TrainedModel, hf_cfg: dict, params: int) -> str:

@@ -15,7 +15,7 @@ from tinystories_lab.data.sources import Separator
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_split, write_result
 from tinystories_lab.models import TrainedModel, load_trained, results_dir
-from tinystories_lab.render import format_table
+from tinystories_lab.render import text_table
 
 
 def instruction_data(checkpoint_dir: Path) -> JSON:
@@ -124,5 +124,5 @@ def evaluate_finetunes(
              f"{r['story_loss_before']:.4f} -> {r['story_loss_after']:.4f}"]
             for r in results
         ]  # fmt: skip
-        print(format_table(rows, header))
+        print(text_table(header, rows))
     return results

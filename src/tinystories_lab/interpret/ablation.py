@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tinystories_lab.interpret.hooks import Hook, Site, gpt_of, hooks, record
 from tinystories_lab.interpret.plots import heatmaps
 from tinystories_lab.models import TrainedModel
-from tinystories_lab.render import table
+from tinystories_lab.render import markdown_table
 
 KINDS = {"attn.z": "head", "mlp.out": "mlp", "mlp.act": "neuron"}
 
@@ -174,7 +174,7 @@ def write_ablations(ablations: Ablations, out_dir: Path, title: str) -> list[Pat
         "ranked by the larger of the two. Zero: its output set to 0. Mean: set to its mean over the same "
         "windows.\n\n"
         "![head ablations](ablation.png)\n\n"
-        + table(["rank", "component", "kind", "zero", "mean"], rows, align="rllrr")
+        + markdown_table(["rank", "component", "kind", "zero", "mean"], rows, align="rllrr")
         + "\n"
     )
     png = plot_head_ablations({title: ablations}, out_dir / "ablation.png")

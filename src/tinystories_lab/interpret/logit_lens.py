@@ -12,7 +12,7 @@ from litgpt import GPT
 
 from tinystories_lab.interpret.hooks import gpt_of, record
 from tinystories_lab.models import TrainedModel
-from tinystories_lab.render import plt, save, table
+from tinystories_lab.render import markdown_table, plt, save
 
 
 def unembed(model: GPT | TrainedModel, resid: torch.Tensor) -> torch.Tensor:
@@ -74,4 +74,4 @@ def lens_table(lens: dict[str, list[float]]) -> str:
         ["embedding" if i == 0 else f"after L{i - 1}", f"{loss:.3f}", f"{acc:.1%}"]
         for i, (loss, acc) in enumerate(zip(lens["loss"], lens["accuracy"]))
     ]
-    return table(["residual stream", "loss", "top-1 accuracy"], rows, align="lrr")
+    return markdown_table(["residual stream", "loss", "top-1 accuracy"], rows, align="lrr")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tinystories_lab.interpret.hooks import gpt_of, is_gated, record
 from tinystories_lab.interpret.inputs import label
 from tinystories_lab.models import TrainedModel
-from tinystories_lab.render import escape, table
+from tinystories_lab.render import escape, markdown_table
 
 
 @dataclass
@@ -208,7 +208,7 @@ def neurons_markdown(stats: NeuronStats, doc: dict, title: str, listed: int = 20
         "",
         "## Dead neurons",
         "",
-        table(
+        markdown_table(
             ["layer", "dead", "fraction", "mean firing rate"],
             [
                 [p["layer"], p["dead"], f"{p['dead_fraction']:.1%}", f"{p['mean_fire_rate']:.1%}"]
@@ -219,7 +219,7 @@ def neurons_markdown(stats: NeuronStats, doc: dict, title: str, listed: int = 20
         "",
         f"## The {len(best)} most selective neurons",
         "",
-        table(
+        markdown_table(
             ["neuron", "selectivity", "firing rate", "top activation", "its context"],
             [
                 [
@@ -242,7 +242,7 @@ def neurons_markdown(stats: NeuronStats, doc: dict, title: str, listed: int = 20
             f"selectivity {selectivity[layer, neuron]:.1f}, fires on {stats.fire_rate[layer, neuron]:.1%} of "
             f"tokens, mean {stats.mean[layer, neuron]:.3f}, std {stats.std[layer, neuron]:.3f}",
             "",
-            table(
+            markdown_table(
                 ["activation", "context"],
                 [
                     [f"{t['activation']:.2f}", _highlight(t["context"], t["token"])]

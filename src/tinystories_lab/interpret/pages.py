@@ -12,7 +12,7 @@ from tinystories_lab.interpret.ablation import Ablations, plot_head_ablations
 from tinystories_lab.interpret.head_scores import SCORES, plot_head_scores, top_heads
 from tinystories_lab.interpret.logit_lens import lens_table, plot_logit_lens
 from tinystories_lab.interpret.neurons import NeuronStats
-from tinystories_lab.render import table
+from tinystories_lab.render import markdown_table
 
 ARCH = {"gpt": "GPT-style (LayerNorm, GELU MLP, RoPE)", "llama": "LLaMA-style (RMSNorm, SwiGLU MLP, RoPE)"}
 
@@ -74,7 +74,7 @@ def write_index(
         "",
         "![head scores](head_scores.png)",
         "",
-        table(
+        markdown_table(
             ["score", "top heads"],
             [[SCORES[name], ", ".join(f"{h} ({v:.2f})" for h, v in top[name])] for name in SCORES],
             align="ll",
@@ -113,7 +113,7 @@ def write_index(
 
 def _top_ablations(ablations: Ablations, n: int) -> str:
     rows = [[r["name"], r["kind"], f"{r['zero']:+.4f}", f"{r['mean']:+.4f}"] for r in ablations.ranked()[:n]]
-    return table(["component", "kind", "zero ablation", "mean ablation"], rows, align="llrr")
+    return markdown_table(["component", "kind", "zero ablation", "mean ablation"], rows, align="llrr")
 
 
 def load_results(folder: Path) -> dict:
@@ -152,7 +152,7 @@ def write_comparison(dirs: dict[str, Path], out_dir: Path) -> Path:
         + inputs_line(results[names[0]]["summary"])
         + warning,
         "",
-        table(["", *names], rows, align="l" * (len(names) + 1)),
+        markdown_table(["", *names], rows, align="l" * (len(names) + 1)),
         "",
         "## Head scores",
         "",
@@ -173,7 +173,9 @@ def write_comparison(dirs: dict[str, Path], out_dir: Path) -> Path:
         "",
         f"![logit lens]({stem}-logit_lens.png)",
         "",
-        table(["layers applied", *(f"{n} loss" for n in names)], lens_rows, align="r" * (len(names) + 1)),
+        markdown_table(
+            ["layers applied", *(f"{n} loss" for n in names)], lens_rows, align="r" * (len(names) + 1)
+        ),
         "",
     ]
     page = out_dir / f"{stem}.md"
