@@ -118,7 +118,7 @@ run-all: ## Train every todo experiment in order, past failures (ARGS= LOGGER= M
 	$(LAB) run-all $(RUN_FLAGS) $(if $(OPTIONAL),--include_optional true)
 
 reset: ## Put MODEL back to todo; checkpoints and arguments kept unless DELETE=1
-	$(LAB) reset '$(MODEL)' $(QUEUES_FLAG) $(if $(DELETE),--delete_checkpoints true)
+	$(LAB) reset '$(MODEL)' $(QUEUES_FLAG) $(if $(DELETE),--delete_run_folder true)
 
 cancel: ## Stop MODEL (cancel its SLURM job, or stop its local runner) and put it back to todo
 	$(LAB) cancel '$(MODEL)' $(QUEUES_FLAG)

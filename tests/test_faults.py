@@ -64,7 +64,7 @@ def test_a_name_that_is_not_a_folder_name_is_refused_and_nothing_is_touched(name
     queue = write_queue(tmp_path / "q.yaml", [{"name": name, "config": config, "status": "running"}])
     before = queue.read_bytes()
     experiments = sorted((ROOT / "experiments").rglob("*"))
-    for argv in (["run-next"], ["reset", str(name), "--delete_checkpoints", "true"], ["list"]):
+    for argv in (["run-next"], ["reset", str(name), "--delete_run_folder", "true"], ["list"]):
         code, _, err = run_cli([*argv, "--queues", f"[{queue}]"], capsys)
         assert code == 1 and "becomes a folder name" in err, err
     assert queue.read_bytes() == before
@@ -88,15 +88,13 @@ def test_reset_delete_deletes_only_the_folder_the_runner_made_for_that_name(tmp_
     for name, message in refusals.items():
         before = queue.read_bytes()
         code, _, err = run_cli(
-            ["reset", name, "--queues", f"[{queue}]", "--delete_checkpoints", "true"], capsys
+            ["reset", name, "--queues", f"[{queue}]", "--delete_run_folder", "true"], capsys
         )
         assert code == 1 and message in err, err
         assert queue.read_bytes() == before
     assert (runs / "hand" / "step-00000001").is_dir() and (tmp_path / "elsewhere" / "final").is_dir()
     assert (runs / "linked").is_symlink() and (runs / "other" / "run.yaml").is_file()
-    assert (
-        run_cli(["reset", "mine", "--queues", f"[{queue}]", "--delete_checkpoints", "true"], capsys)[0] == 0
-    )
+    assert run_cli(["reset", "mine", "--queues", f"[{queue}]", "--delete_run_folder", "true"], capsys)[0] == 0
     assert not (runs / "mine").exists()
 
 
@@ -425,11 +423,11 @@ def test_a_run_folder_belongs_to_the_queue_its_run_yaml_names(tmp_path, sample_d
     fake_checkpoint(out / "final", 12)
     write_run_file(out, "mr", owner)
     before = other.read_bytes()
-    for argv in (["reset", "mr", "--delete_checkpoints", "true"], ["run-specific", "mr"]):
+    for argv in (["reset", "mr", "--delete_run_folder", "true"], ["run-specific", "mr"]):
         code, _, err = run_cli([*argv, "--queues", f"[{other}]"], capsys)
         assert code == 1 and f"belongs to mr of {owner}" in err and f"QUEUE={owner}" in err, err
         assert other.read_bytes() == before and (out / "final" / "lit_model.pth").is_file()
-    code, _, _ = run_cli(["reset", "mr", "--delete_checkpoints", "true", "--queues", f"[{owner}]"], capsys)
+    code, _, _ = run_cli(["reset", "mr", "--delete_run_folder", "true", "--queues", f"[{owner}]"], capsys)
     assert code == 0 and not out.exists()
 
 

@@ -109,7 +109,7 @@ def test_reset_puts_back_to_todo_and_keeps_checkpoints_unless_asked(tmp_path, sa
         "status": "todo"
     }
     assert ckpt.is_file()
-    main(["reset", "a", "--queues", f"[{queue}]", "--delete_checkpoints", "true"])
+    main(["reset", "a", "--queues", f"[{queue}]", "--delete_run_folder", "true"])
     assert not (tmp_path / "runs" / "a").exists()
 
 
@@ -119,7 +119,7 @@ def test_reset_deletes_only_a_run_folder(tmp_path, sample_data, capsys):
     )
     before = queue.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        main(["reset", "a", "--queues", f"[{queue}]", "--delete_checkpoints", "true"])
+        main(["reset", "a", "--queues", f"[{queue}]", "--delete_run_folder", "true"])
     assert exit_info.value.code == 1 and "holds the current folder or the queue" in capsys.readouterr().err
     assert queue.read_bytes() == before  # and the folder, queue included, is still there
 

@@ -317,7 +317,9 @@ def child_env(logger: Logger | None, out_dir: Path, gpus: str | None = None) -> 
     return env
 
 
-def run_entry(queue: Queue, claimed: Claimed, restart: bool = False, auto_micro: bool = False) -> Outcome:
+def run_entry(
+    queue: Queue, claimed: Claimed, restart: bool = False, micro_batch_size: Literal["auto"] | None = None
+) -> Outcome:
     """Run (or submit) one claimed entry and record the outcome in the queue; then release its lock.
 
     A refusal before training starts (no free GPU, sbatch refusing the job, ...) undoes the claim."""
@@ -328,7 +330,7 @@ def run_entry(queue: Queue, claimed: Claimed, restart: bool = False, auto_micro:
         try:
             if not is_slurm(entry):
                 gpus, gpu_locks = claim_gpus(entry.get("devices", 1), entry.get("gpus"))
-            if auto_micro:
+            if micro_batch_size == "auto":
                 choose_micro_batch(queue, entry, child_env(entry.get("run_logger"), out_dir, gpus))
             write_run_file(out_dir, entry["name"], queue.path, entry.get("seed"))
             if restart:
@@ -700,7 +702,7 @@ def run_all(
         for q in map(Queue, queues):
             while (
                 outcome := _run_one(
-                    q, None, args, logger, include_optional, micro=micro_batch_size, resize=resize
+                    q, None, args, logger, include_optional, micro_batch_size=micro_batch_size, resize=resize
                 )
             ) is not None:
                 outcomes.append(outcome)
@@ -760,27 +762,29 @@ def _run_one(
     include_optional: bool,
     restart: bool = False,
     wait: bool = False,
-    micro: Literal["auto"] | None = None,
+    micro_batch_size: Literal["auto"] | None = None,
     resize: bool = False,
 ) -> Outcome | None:
-    claimed = claim(queue, name, include_optional, shlex.split(args), logger, restart, micro, resize)
+    claimed = claim(
+        queue, name, include_optional, shlex.split(args), logger, restart, micro_batch_size, resize
+    )
     if claimed is None:
         return None
     entry = claimed.entry
-    outcome = run_entry(queue, claimed, restart, auto_micro=micro == "auto")
+    outcome = run_entry(queue, claimed, restart, micro_batch_size)
     if wait and outcome.status == "submitted":
         return wait_for_job(queue, entry["name"])
     return outcome
 
 
-def reset(model: str, queues: list[Path] | None = None, delete_checkpoints: bool = False) -> None:
+def reset(model: str, queues: list[Path] | None = None, delete_run_folder: bool = False) -> None:
     """Put an experiment back to `todo`. Its checkpoints and the arguments it ran with are kept (the next
-    run resumes from them) unless `delete_checkpoints` is set, which deletes its whole run folder.
+    run resumes from them) unless `delete_run_folder` is set, which deletes its whole run folder.
 
     Args:
         model: The experiment's name in the queues.
         queues: Queue files, searched in order (default: experiments.yaml).
-        delete_checkpoints: Delete its run folder (checkpoints, logs, evaluations): only a folder the
+        delete_run_folder: Delete its run folder (checkpoints, logs, evaluations): only a folder the
             runner made for this experiment.
     """
     q = queue_of(model, queues or RUN_QUEUES)
@@ -794,15 +798,15 @@ def reset(model: str, queues: list[Path] | None = None, delete_checkpoints: bool
                 f"{model} is running now ({where_running(entry)}); `make cancel MODEL={model}` first."
             )
         entry["status"] = "todo"
-        kept = () if delete_checkpoints else ("attempts", "run_args", "run_logger")
+        kept = () if delete_run_folder else ("attempts", "run_args", "run_logger")
         for field in RUNNER_FIELDS:
             if field not in kept:
                 entry.pop(field, None)
-        if delete_checkpoints and (out_dir.exists() or out_dir.is_symlink()):
+        if delete_run_folder and (out_dir.exists() or out_dir.is_symlink()):
             check_deletable(out_dir, model, q)
             shutil.rmtree(out_dir)
             print(f"Deleted {out_dir}.")
-    kept = "" if delete_checkpoints else " (checkpoints and arguments kept: the next run resumes from them)"
+    kept = "" if delete_run_folder else " (checkpoints and arguments kept: the next run resumes from them)"
     print(f"{model} is back to todo{kept}.")
 
 
