@@ -43,7 +43,7 @@ from tinystories_lab.experiments.runs import (
     world_size,
     write_run_file,
 )
-from tinystories_lab.pretrain import die_with_parent
+from tinystories_lab.pretrain import check_resumable, choose_strategy, die_with_parent
 
 Logger = Literal["csv", "tensorboard", "wandb"]
 
@@ -184,7 +184,11 @@ def check_ready(
             f"has a vocabulary of {vocab:,}; raise model_config.padded_vocab_size or use a smaller tokenizer."
         )
     if not restart:
-        resume_point(out_dir_of(entry), say=lambda _: None)  # refuses to overwrite a finished run
+        point = resume_point(out_dir_of(entry), say=lambda _: None)  # refuses to overwrite a finished run
+        strategy = entry.get("strategy", "auto")
+        if point and not (is_slurm(entry) and strategy == "auto"):  # there, auto depends on the node's GPU
+            # DDP's and FSDP's checkpoints differ: refused here, before anything starts.
+            check_resumable(point, choose_strategy(cfg, world_size(entry), strategy))
     if is_slurm(entry):
         if micro_batch_size == "auto":
             raise UserError(
