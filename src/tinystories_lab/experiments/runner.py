@@ -353,7 +353,8 @@ def choose_micro_batch(queue: Queue, entry: dict, env: dict[str, str]) -> None:
     args = [*entry.get("args", []), *entry.get("run_args", [])]
     cfg = parse_config(entry["config"], *args)
     per_device = cfg.train.global_batch_size // world_size(entry)
-    micro, why = auto_micro_batch(Path(entry["config"]), args, per_device, env)
+    devices, strategy = entry.get("devices", 1), entry.get("strategy", "auto")
+    micro, why = auto_micro_batch(Path(entry["config"]), args, per_device, env, devices, strategy)
     entry["run_args"] = [*entry.get("run_args", []), f"--train.micro_batch_size={micro}"]
     _record(queue, entry["name"], run_args=entry["run_args"])
     print(f"{entry['name']}: micro batch {micro} ({why}); {per_device // micro} accumulation steps.")
