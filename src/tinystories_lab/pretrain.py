@@ -18,7 +18,8 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
   of the validation split, summed over all ranks, whatever their number (see `RankValWindows`);
 - the logged training loss: LitGPT logs rank 0's; here the mean over all ranks, as one rank would log it;
 - `--resume auto`: the newest checkpoint that loads (a truncated one is skipped), `final/` included;
-- `hyperparameters.yaml`: saved from these arguments (LitGPT re-reads `sys.argv`, which holds ours too).
+- `hyperparameters.yaml`: saved from these arguments (LitGPT re-reads `sys.argv`, which holds ours too);
+- TF32: the `litgpt` command sets `torch.set_float32_matmul_precision("high")` at start; so does `main`.
 
 Every rank takes a lock in the run folder (`RunLock`), so the runner knows a run is alive until all its
 processes are gone, and ranks started by rank 0 die with it.
