@@ -168,7 +168,9 @@ def check_ready(
 ) -> None:
     """Refuse to start when the config does not parse, cannot train on the entry's devices, its tokenizer
     or token files are missing, or its checkpoints cannot be resumed; for SLURM, what sbatch would refuse."""
-    cfg = parse_config(entry["config"], *entry.get("args", []), *args)
+    # MICRO=auto picks a micro batch dividing the per-device batch: only the devices must divide the batch.
+    auto = ["--train.micro_batch_size=1"] if micro_batch_size == "auto" else []
+    cfg = parse_config(entry["config"], *entry.get("args", []), *args, *auto)
     check_training(cfg.train, world_size(entry))
     if cfg.tokenizer_dir is None:
         raise UserError(f"{entry['config']} sets no tokenizer_dir; the TinyStories data module needs one.")
