@@ -31,6 +31,8 @@ TEXT ?=
 GPT ?=
 LLAMA ?=
 DEVICE ?=
+DEVICES ?=
+STRATEGY ?=
 REPO ?=
 STEPS ?=
 PRECISION ?=
@@ -221,8 +223,9 @@ bench-generate: data-sample ## Greedy tokens/s: LitGPT, transformers, llama.cpp 
 bench-data: ## Token-file encoding throughput, 1 thread vs all cores, on the sample
 	$(LAB) bench-data
 
-step-memory: data-sample ## Peak memory of each config's real training step (MODEL=a,b DEVICE=)
-	$(LAB) step-memory $(if $(MODEL),--models '[$(MODEL)]') $(DEVICE_FLAG) --data_dir $(DATA_DIR) $(QUEUES_FLAG)
+step-memory: data-sample ## Peak memory of each config's real training step (MODEL=a,b DEVICE= DEVICES=N STRATEGY=ddp|fsdp)
+	$(LAB) step-memory $(if $(MODEL),--models '[$(MODEL)]') $(DEVICE_FLAG) --data_dir $(DATA_DIR) $(QUEUES_FLAG) \
+		$(if $(DEVICES),--devices $(DEVICES)) $(if $(STRATEGY),--strategy $(STRATEGY))
 
 gpu-check: data-sample ## One-command check of a GPU box: precision, speed, MFU, memory, every tool on the device (DEVICE=)
 	$(LAB) gpu-check $(DEVICE_FLAG) --data_dir $(DATA_DIR) --out_dir $(BENCH_OUT)

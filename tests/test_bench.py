@@ -1,6 +1,7 @@
 """`make bench` works end to end (a tool test, not a speed test)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import DEMO_CONFIGS, ROOT
 from litgpt import GPT
 
 from tinystories_lab.bench import precision
+from tinystories_lab.bench.gpu_check import datasheet_tflops
 from tinystories_lab.configs import parse_config
 
 
@@ -90,21 +92,28 @@ def test_cpu_precision_follows_the_measured_bf16_speedup(monkeypatch, bf16_over_
     assert choice == expected and f"{bf16_over_fp32:.1f}x" in why
 
 
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA L4", 121), ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 NVL", 835), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 SXM5 94GB", 989),
+        ("NVIDIA A100-SXM4-40GB", 312), ("NVIDIA A10", 125), ("NVIDIA A10G", None), ("NVIDIA L4X", None),
+        ("NVIDIA GeForce RTX 4090 D", 165), ("NVIDIA H800", None), ("Tesla T4", None),
+    ],
+)  # fmt: skip
+def test_gpu_check_knows_a_cards_peak_by_exact_name_then_longest_model_else_not_at_all(name, tflops):
+    assert datasheet_tflops(name) == tflops
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_on_a_cpu_in_its_small_form_and_reports_every_field(sample_data, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "tinystories_lab.cli",
-        "gpu-check",
-        "--device",
-        "cpu",
-        "--models",
-        "gpt_demo",
-    ]
-    cmd += ["--data_dir", str(sample_data), "--out_dir", str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    """DEVICE=auto without a GPU: the CPU form, saying so."""
+    cmd = [sys.executable, "-m", "tinystories_lab.cli", "gpu-check", "--device", "auto"]
+    cmd += ["--models", "gpt_demo", "--data_dir", str(sample_data), "--out_dir", str(tmp_path)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.startswith("No GPU visible: running the check's small CPU form")
     [path] = tmp_path.glob("*-gpu-check.json")
     report = json.loads(path.read_text())
     assert set(report) == {
@@ -131,3 +140,17 @@ def test_gpu_check_runs_on_a_cpu_in_its_small_form_and_reports_every_field(sampl
     assert 0 <= d["interpret_dead_fraction"] <= 1 and d["export_written"] is True
     page = path.with_suffix(".md").read_text()
     assert "| gpt_demo | 2 | 2 | no |" in page and "export with parity check: written" in page
+    assert "datasheet peak unknown" in page
+
+
+@pytest.mark.slow
+def test_step_memory_measures_a_step_under_the_runs_strategy_on_a_cpu(sample_data):
+    """`make step-memory` with DEVICES=2 STRATEGY=fsdp: two FSDP ranks (gloo), rank 0's peak."""
+    lab = f"LAB={sys.executable} -m tinystories_lab.cli"
+    cmd = ["make", "-s", "step-memory", "MODEL=gpt_demo", "DEVICE=cpu", "DEVICES=2", "STRATEGY=fsdp"]
+    cmd += [f"DATA_DIR={sample_data}", lab]
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}  # compiling on a CPU only makes the test slower
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("gpt_demo: micro batch 32, peak "))
+    assert line.endswith("GiB on 2 x cpu (fsdp)") and 0 < float(line.split()[5]) < 16

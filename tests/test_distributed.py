@@ -1,13 +1,16 @@
 """Several processes: the project's launcher against plain `litgpt pretrain`, 1 rank against 2 (gloo on the
-CPU), a 2-rank run killed and resumed, and the environment each runner gives its ranks."""
+CPU), DDP against FSDP, a 2-rank FSDP run killed and resumed, and the environment each runner gives its
+ranks."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import (
     DEMO_CONFIGS,
     entry,
@@ -25,8 +28,11 @@ from tinystories_lab.experiments.gpus import claim_gpus
 from tinystories_lab.experiments.locks import run_is_alive
 from tinystories_lab.experiments.runner import child_env
 from tinystories_lab.experiments.runs import read_curves
+from tinystories_lab.export.exporter import export_checkpoint
 
 TOLERANCE = 1e-5  # measured: per-step losses of 1 and 2 ranks differ by <= 1e-6, validation losses by 0
+FSDP_TOLERANCE = 1e-4  # FSDP's reduce-scatter sums gradients in another order than DDP's all-reduce
+TIED = "Tied embeddings: the output head is the embedding"
 
 
 def processes_of(out_dir: Path) -> list[int]:
@@ -81,11 +87,17 @@ def two_rank_entry(name, tmp_path, data, devices):
 
 
 @pytest.mark.slow
-def test_one_and_two_ranks_agree_and_a_killed_two_rank_run_resumes_to_the_same_end(sample_data, tmp_path):
-    queue = write_queue(
-        tmp_path / "q.yaml",
-        [two_rank_entry(n, tmp_path, sample_data, d) for n, d in (("one", 1), ("two", 2), ("killed", 2))],
-    )
+def test_one_and_two_ranks_agree_fsdp_trains_as_ddp_and_a_killed_fsdp_run_resumes_to_the_same_end(
+    sample_data, tmp_path
+):
+    """1 rank, 2 DDP ranks and 2 FSDP ranks (FSDP2 on gloo) train alike; the FSDP run, its micro batch from
+    MICRO=auto, is killed with kill -9 past its first checkpoint and resumed by run-next to the same end,
+    its embedding tied throughout; its final/ is a full state dict that eval, export and `litgpt generate`
+    take; a DDP checkpoint is not resumed under FSDP, nor the other way round."""
+    fsdp = two_rank_entry("killed", tmp_path, sample_data, 2)
+    fsdp["args"].remove("--train.micro_batch_size=16")  # MICRO=auto picks it: 16 on a CPU
+    entries = [two_rank_entry(n, tmp_path, sample_data, d) for n, d in (("one", 1), ("two", 2))]
+    queue = write_queue(tmp_path / "q.yaml", [*entries, {**fsdp, "strategy": "fsdp"}])
     for name in ("one", "two"):
         result = runner("run-specific", queue, name)
         assert result.returncode == 0, result.stdout[-3000:]
@@ -97,22 +109,55 @@ def test_one_and_two_ranks_agree_and_a_killed_two_rank_run_resumes_to_the_same_e
     exact = evaluate_run(runs / "two" / "final")  # `make eval`: every validation token once, in fp32
     assert val_losses(runs / "two")[-1] == pytest.approx(exact["loss"], abs=TOLERANCE)
 
-    proc = runner("run-specific", queue, "killed", wait=False)
+    proc = runner("run-specific", queue, "killed", "--micro_batch_size", "auto", wait=False)
     out = runs / "killed"
-    wait_for(lambda: max(losses_by_iter(out), default=0) >= 6)  # past the step-4 checkpoint
+    wait_for(lambda: max(losses_by_iter(out), default=0) >= 6, timeout=600)  # past the step-4 checkpoint
     assert len(processes_of(out)) == 2  # rank 0 and rank 1
     proc.send_signal(signal.SIGKILL)
+    first = proc.stdout.read()
     proc.wait()
+    assert "killed: micro batch 16 (the CPU default, 16)" in first
+    assert "Strategy: fsdp over 2 processes" in first and f"{TIED} (after setup)" in first
+    assert status(queue, "killed")["run_args"] == ["--train.micro_batch_size=16"]
     wait_for(lambda: not run_is_alive(out), timeout=30)  # every lock is free ...
     assert processes_of(out) == []  # ... because no rank outlived its runner
     log = next((out / "logs").glob("*.log")).read_text()
     assert "loss train" in log  # the log of a killed runner keeps what it saw
     result = runner("run-next", queue)
     assert result.returncode == 0, result.stdout[-3000:]
+    assert f"{TIED} (after the resume)" in result.stdout
     assert status(queue, "killed")["status"] == "done" and status(queue, "killed")["last_step"] == 12
     resumed = losses_by_iter(out)
-    assert all(resumed[i] == pytest.approx(two[i], abs=TOLERANCE) for i in two)
-    assert val_losses(out)[-1] == pytest.approx(val_losses(runs / "two")[-1], abs=TOLERANCE)
+    assert all(resumed[i] == pytest.approx(two[i], abs=FSDP_TOLERANCE) for i in two)
+    assert val_losses(out)[-1] == pytest.approx(val_losses(runs / "two")[-1], abs=FSDP_TOLERANCE)
+
+    # final/: one full state dict, the head equal to the embedding, taken by eval, export and generate.
+    state = torch.load(out / "final" / "lit_model.pth", weights_only=False)["model"]
+    assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    assert sorted(state) == sorted(torch.load(runs / "two" / "final" / "lit_model.pth")["model"])
+    assert evaluate_run(out / "final")["loss"] == pytest.approx(val_losses(out)[-1], abs=FSDP_TOLERANCE)
+    export_checkpoint(out / "final", tmp_path / "hf")  # raises unless transformers gives LitGPT's logits
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    generate = subprocess.run(
+        [str(Path(sys.executable).parent / "litgpt"), "generate", str(out / "final"), "--prompt", "Once",
+         "--max_new_tokens", "5"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert generate.returncode == 0 and generate.stdout.strip(), generate.stderr[-2000:]
+
+    # A checkpoint is resumed only under the layout it was saved in: refused in one line, nothing started.
+    crossed = [("fsdp_from_ddp", "fsdp", runs / "two"), ("ddp_from_fsdp", "ddp", out)]
+    for name, _, source in crossed:
+        shutil.copytree(source / "step-00000004", runs / name / "step-00000004")
+    more = [{**two_rank_entry(n, tmp_path, sample_data, 2), "strategy": st} for n, st, _ in crossed]
+    queue = write_queue(tmp_path / "crossed.yaml", more)
+    for name, strategy, _ in crossed:
+        before = queue.read_bytes()
+        result = runner("run-specific", queue, name)
+        saved = "DDP or one device" if strategy == "fsdp" else "FSDP"
+        assert result.returncode == 1 and f"was saved under {saved} and cannot be resumed" in result.stderr
+        last = result.stderr.rstrip().splitlines()[-1]  # after jsonargparse's deprecation warning
+        assert result.stderr.count("error:") == 1 and last.startswith("error:")
+        assert queue.read_bytes() == before and not (runs / name / "logs").exists()
 
 
 def test_devices_that_cannot_make_the_global_batch_are_refused_before_start(tmp_path, sample_data):

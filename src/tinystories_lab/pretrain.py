@@ -5,7 +5,10 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
 
 - the Fabric: LitGPT always picks FSDP (HYBRID_SHARD) for several devices, which a CPU refuses and which
   crashes when `devices` is fewer than the GPUs visible. Here the strategy is `ddp` whenever the training
-  state fits one device (all six variants), `fsdp` (FULL_SHARD; HYBRID_SHARD across nodes) otherwise;
+  state fits one device (all six variants), `fsdp` otherwise: Lightning's ModelParallelStrategy with
+  FSDP2's `fully_shard` on every block and the root (`shard_blocks_and_root`), which runs on a CPU too and
+  keeps the tied embedding one tensor. Its checkpoints are full state dicts, as DDP's are;
+- tied embeddings: checked after `fabric.setup` and after a resume; a lost tie stops the run at once;
 - bf16 precision: Fabric converts the model's outputs to fp32, so LitGPT computes the loss on an fp32 copy
   of the full logits, outside autocast (23% of a bf16-mixed step on a CPU, and micro x context x vocab x 4
   bytes of memory). Here the logits stay as computed (bf16) and the loss runs inside bf16 autocast, which
@@ -20,6 +23,7 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
   boundary, then exits with 75 (`tinystories_lab.preemption`).
 - `--early_checkpoints true`: also a `step-*` checkpoint at steps 1, 2, 4, 8, ... below `train.save_interval`,
   for `interpret-timeline` (see `EarlySaves`).
+- TF32: the `litgpt` command sets `torch.set_float32_matmul_precision("high")` at start; so does `main`.
 
 Under SLURM each node's first process prints its node rank and the main address Fabric connects to.
 
@@ -46,9 +50,9 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.precision import HalfPrecision, MixedPrecision
-from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
-from litgpt.model import Block
-from litgpt.utils import CLI, chunked_cross_entropy, parse_devices
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+from litgpt.model import GPT
+from litgpt.utils import CLI, chunked_cross_entropy, parse_devices, reset_parameters
 from torchmetrics.aggregation import RunningMean
 
 from tinystories_lab import preemption
@@ -71,7 +75,7 @@ def choose_strategy(cfg: Namespace, world: int, strategy: Strategy) -> Strategy 
     if strategy != "auto":
         return strategy
     if not torch.cuda.is_available():
-        return "ddp"  # FSDP is GPU-only in Fabric
+        return "ddp"  # a CPU's memory is the machine's: nothing to shard for
     config = model_config(cfg)
     state = count_parameters(config, cfg.train.tie_embeddings) * ADAM_BYTES_PER_PARAMETER
     return (
@@ -79,13 +83,48 @@ def choose_strategy(cfg: Namespace, world: int, strategy: Strategy) -> Strategy 
     )
 
 
-def fabric_strategy(name: str, num_nodes: int) -> object:
+def shard_blocks_and_root(model: GPT, mesh) -> GPT:
+    """FSDP2 for LitGPT's GPT: materialise the meta model as DDP's path initialises it (the same values),
+    tie the embedding again, then `fully_shard` each block and the root over every rank.
+
+    `to_empty` gives every module a new Parameter, so a tied `wte`/`lm_head` would become two tensors
+    (litgpt issue 1727); tied before `fully_shard`, the root's parameter group holds one sharded tensor that
+    both modules share. Materialising before sharding holds the full fp32 weights (4 bytes per parameter)
+    on each device once, at the start: gradients and AdamW's moments (12 of the 16 bytes) are only ever
+    sharded.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = mesh["data_parallel"]
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        shared = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(param), []).append(name)
+        device = torch.device(mesh.device_type)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        model.to_empty(device=device)
+        reset_parameters(model)  # LitGPT's initialisation, untied, in the order and with the seed DDP's has
+        for first, *others in shared.values():  # then tied as LitGPT ties it: wte takes lm_head's tensor
+            for name in others:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fabric_strategy(name: str, world: int) -> object:
     if name == "single":
         return "auto"
     if name == "ddp":
         return DDPStrategy()
-    sharding = "HYBRID_SHARD" if num_nodes > 1 else "FULL_SHARD"
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy=sharding)
+    # One data-parallel dimension over every rank (FULL_SHARD, across nodes too); full-state checkpoints.
+    return ModelParallelStrategy(
+        shard_blocks_and_root, data_parallel_size=world, tensor_parallel_size=1,
+        save_distributed_checkpoint=False,
+    )  # fmt: skip
 
 
 class _KeepOutputs:
@@ -103,10 +142,8 @@ class _HalfPrecision(_KeepOutputs, HalfPrecision):
     pass
 
 
-def precision_plugin(precision: str | None, strategy: str) -> object | None:
-    """The plugin for bf16 training under a single device or DDP (FSDP brings its own); None otherwise."""
-    if strategy == "fsdp":
-        return None
+def precision_plugin(precision: str | None) -> object | None:
+    """The plugin for bf16 training (one device, DDP or FSDP2 alike); None for other precisions."""
     if precision == "bf16-mixed":
         return _MixedPrecision("bf16-mixed", "cuda" if torch.cuda.is_available() else "cpu")
     if precision == "bf16-true":
@@ -114,20 +151,49 @@ def precision_plugin(precision: str | None, strategy: str) -> object | None:
     return None
 
 
+def check_tie(module: torch.nn.Module, when: str) -> None:
+    """Stop unless LitGPT's output head is its embedding, the same tensor (every config ties them)."""
+    model = getattr(module, "module", module)  # Fabric's wrapper
+    model = getattr(model, "_orig_mod", model)  # torch.compile's
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        raise RuntimeError(f"the output head is no longer the embedding {when}: the tie was lost")
+
+
+class _Fabric(lightning.Fabric):
+    """Fabric, checking after `setup` and after a resume that a tied embedding is still one tensor."""
+
+    tie_embeddings = False
+
+    def setup(self, module, *args, **kwargs):
+        module = super().setup(module, *args, **kwargs)
+        if self.tie_embeddings:
+            check_tie(module, "after setup")
+            self.print("Tied embeddings: the output head is the embedding (after setup)")
+        return module
+
+    def load(self, path, state=None, strict=True, **kwargs):
+        remainder = super().load(path, state, strict, **kwargs)
+        if self.tie_embeddings and state is not None and "model" in state:
+            check_tie(state["model"], "after the resume")
+            self.print("Tied embeddings: the output head is the embedding (after the resume)")
+        return remainder
+
+
 class _Lightning:
     """Stands in for the `lightning` module inside `litgpt.pretrain`, whose only use of it is `L.Fabric`."""
 
-    def __init__(self, strategy: str) -> None:
+    def __init__(self, strategy: str, tie_embeddings: bool = False) -> None:
         self.strategy = strategy
+        self.tie_embeddings = tie_embeddings
         self.fabric: lightning.Fabric | None = None
 
     def Fabric(self, **kwargs) -> lightning.Fabric:  # noqa: N802 (the name litgpt.pretrain calls)
-        plugin = precision_plugin(kwargs.get("precision"), self.strategy)
+        plugin = precision_plugin(kwargs.get("precision"))
         if plugin is not None:
             kwargs.update(precision=None, plugins=[plugin])
-        self.fabric = lightning.Fabric(
-            **{**kwargs, "strategy": fabric_strategy(self.strategy, kwargs["num_nodes"])}
-        )
+        world = kwargs["devices"] * kwargs["num_nodes"]
+        self.fabric = _Fabric(**{**kwargs, "strategy": fabric_strategy(self.strategy, world)})
+        self.fabric.tie_embeddings = self.tie_embeddings
         return self.fabric
 
     def chunked_cross_entropy(
@@ -204,6 +270,27 @@ def _fit_saving_early(fit, *args, train, **kwargs):
     return fit(*args, train=train, **kwargs)
 
 
+def saved_by_fsdp(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved by an FSDP run: its optimizer state is keyed by parameter names (one
+    device and DDP key it by position). Read memory-mapped: nothing but the keys is loaded."""
+    state = torch.load(checkpoint, mmap=True, map_location="cpu", weights_only=False)
+    return any(isinstance(key, str) for key in state.get("optimizer", {}).get("state", {}))
+
+
+def check_resumable(checkpoint: Path, strategy: str) -> None:
+    """Refuse to resume an FSDP checkpoint under DDP or one device, or the other way round: their optimizer
+    states are laid out differently, and Lightning would fail after the processes have started."""
+    fsdp = saved_by_fsdp(checkpoint)
+    if fsdp != (strategy == "fsdp"):
+        saved = "FSDP" if fsdp else "DDP or one device"
+        now = {"fsdp": "FSDP", "ddp": "DDP", "single": "one device"}[strategy]
+        fix = "strategy: fsdp and devices > 1" if fsdp else "strategy: ddp (or devices: 1)"
+        raise UserError(
+            f"{checkpoint} was saved under {saved} and cannot be resumed under {now}: set {fix} in the entry "
+            "to resume it, or start over with RESTART=1."
+        )
+
+
 def rank_from_env(devices_per_node: int) -> int:
     """This process's global rank, as its launcher (SLURM, torchrun, or Fabric's rank 0) set it; 0 by hand."""
     env = os.environ
@@ -278,15 +365,20 @@ def pretrain(args: list[str], strategy: Strategy = "auto", early_checkpoints: bo
     lock = RunLock(cfg.out_dir, f"rank-{rank}")  # held until this process ends
     if not lock.acquire():
         raise UserError(f"{cfg.out_dir} is being trained by another process (its lock is held).")
+    point = None
     if cfg.resume == "auto":
         point = resume_point(cfg.out_dir, say=print if rank == 0 else lambda _: None)
         args = [*args, f"--resume={point or False}"]
+    elif isinstance(cfg.resume, Path):
+        point = cfg.resume
     chosen = choose_strategy(cfg, world, strategy)
+    if point:
+        check_resumable(point, chosen)
     if rank == 0 and world > 1:
         print(f"Strategy: {chosen} over {world} processes")
 
     lp = litgpt.pretrain
-    lp.L = _Lightning(chosen)
+    lp.L = _Lightning(chosen, cfg.train.tie_embeddings)
     lp.chunked_cross_entropy = lp.L.chunked_cross_entropy
     lp.validate = validate
     lp.RunningMean = _RunningMeanOverRanks
@@ -305,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     own.add_argument("--early_checkpoints", choices=["true", "false"], default="false")
     ours, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
     preemption.install()
+    torch.set_float32_matmul_precision("high")  # as the `litgpt` command sets it: TF32 matmuls on a GPU
     try:
         check_gpus(ours.gpus_per_node)
         pretrain(rest, ours.strategy, ours.early_checkpoints == "true")

@@ -5,11 +5,16 @@ The precision it would train in; a few compiled steps of the real variants throu
 the 16 GB the configs are sized for); then a demo model trained, evaluated, sampled, opened up and
 exported on the device. Results: benchmarks/results/<device>-<date>-gpu-check.json and .md. On a CPU
 (`--device cpu`) it runs the same steps, smaller, so a test covers it.
+
+On a GPU it takes one free GPU as a training run does (its lock, and CUDA_VISIBLE_DEVICES for every
+process it starts), so it never times a GPU that a run is training on.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -35,13 +40,45 @@ from tinystories_lab.bench.training import (
 )
 from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.gpus import claim_gpus, visible_gpus
 from tinystories_lab.hardware import resolve_device
 from tinystories_lab.render import markdown_table
 
-DATASHEET_BF16_TFLOPS = (  # dense bf16 tensor-core peaks from NVIDIA's datasheets, by device-name substring
-    ("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
-    ("RTX 4090", 165),
-)  # fmt: skip
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets: first by the exact name torch reports,
+# then by the longest model name found in it as whole words ("L4" is not in "NVIDIA L40"); other cards
+# have no known peak rather than a guessed one.
+DATASHEET_BY_NAME = {
+    "NVIDIA H200": 989,
+    "NVIDIA H200 NVL": 835,
+    "NVIDIA H100 80GB HBM3": 989,
+    "NVIDIA H100 PCIe": 756,
+    "NVIDIA H100 NVL": 835,
+    "NVIDIA A100-SXM4-80GB": 312,
+    "NVIDIA A100-SXM4-40GB": 312,
+    "NVIDIA A100 80GB PCIe": 312,
+    "NVIDIA A100-PCIE-40GB": 312,
+    "NVIDIA L40S": 362,
+    "NVIDIA L40": 181,
+    "NVIDIA L4": 121,
+    "NVIDIA A10": 125,
+    "NVIDIA GeForce RTX 4090": 165,
+    "NVIDIA RTX A6000": 155,
+}
+DATASHEET_BY_MODEL = {
+    "GH200": 989, "H200": 989, "H200 NVL": 835, "H100": 989, "H100 SXM": 989, "H100 PCIe": 756,
+    "H100 NVL": 835, "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "A10": 125, "RTX 4090": 165,
+    "RTX A6000": 155,
+}  # fmt: skip
+
+
+def datasheet_tflops(name: str) -> float | None:
+    """A card's dense bf16 datasheet peak in TFLOP/s from the name torch reports; None when unknown."""
+    if name in DATASHEET_BY_NAME:
+        return DATASHEET_BY_NAME[name]
+    found = [m for m in DATASHEET_BY_MODEL if re.search(rf"(?<![\w-]){re.escape(m)}(?![\w-])", name)]
+    return DATASHEET_BY_MODEL[max(found, key=len)] if found else None
+
+
 VARIANTS = "gpt_6L_6H_288D,llama_6L_6H_288D,llama_12L_8H_1024D"
 DEMO = "config_hub/pretrain/tiny_stories/demo/gpt_demo.yaml"
 
@@ -50,13 +87,13 @@ def datasheet_peak(device: torch.device) -> float | None:
     """The card's dense bf16 peak in FLOP/s, when it is one of the known cards."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in DATASHEET_BF16_TFLOPS if key in name), None)
+    tflops = datasheet_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
 
 
 def check_variant(
     model: str, precision: str, steps: int, warmup: int, micro: int | None, compile: bool, data_dir: Path,
-    device: torch.device, peaks: dict,
+    device: torch.device, peaks: dict, env: dict[str, str] | None = None,
 ) -> dict:  # fmt: skip
     """`steps` timed optimizer steps of one variant through `tinystories_lab.pretrain`."""
     config = resolve_config(model)
@@ -65,7 +102,7 @@ def check_variant(
     tokens = (warmup + steps) * cfg.train.global_batch_size * cfg.train.max_seq_length
     with tempfile.TemporaryDirectory() as tmp:
         run = run_project(
-            config, [*overrides, f"--train.max_tokens={tokens}"], warmup, compile, device.type, Path(tmp)
+            config, [*overrides, f"--train.max_tokens={tokens}"], warmup, compile, device.type, Path(tmp), env
         )
     fpt = flops_per_token(cfg)
     peak_bytes = run["peak_memory_gib"] * 2**30
@@ -85,7 +122,9 @@ def check_variant(
     }
 
 
-def check_demo(precision: str, steps: int, data_dir: Path, device: str, compile: bool) -> dict:
+def check_demo(
+    precision: str, steps: int, data_dir: Path, device: str, compile: bool, env: dict[str, str] | None = None
+) -> dict:
     """Train gpt_demo briefly through the runner, then eval, sample, interpret and export it on `device`."""
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +148,7 @@ def check_demo(precision: str, steps: int, data_dir: Path, device: str, compile:
             t0 = time.perf_counter()
             result = subprocess.run(
                 [sys.executable, "-m", "tinystories_lab.cli", *argv], capture_output=True, text=True,
-                env=bench_env(compile, device),
+                env=bench_env(compile, device, env),
             )  # fmt: skip
             if result.returncode != 0:
                 output = f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
@@ -158,11 +197,30 @@ def gpu_check(
         out_dir: Where the results go.
     """
     start = time.perf_counter()
-    device = resolve_device(device)
-    dev = torch.device(device)
-    on_gpu = dev.type == "cuda"
     if not (data_dir / "tokenizers" / "sample").is_dir():
         raise UserError(f"No sample data in {data_dir}: run `make data-sample` first.")
+    asked, device = device, resolve_device(device)
+    if asked == "auto" and device == "cpu":
+        print("No GPU visible: running the check's small CPU form (--device cpu runs it without this note).")
+    dev, env, locks = torch.device(device), dict(os.environ), []
+    if dev.type == "cuda":  # one free GPU, locked and pinned as a training run's are
+        gpu, locks = claim_gpus(1, wanted=None if dev.index is None else [dev.index])
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        dev, device = torch.device("cuda", visible_gpus().index(gpu)), "cuda"
+        torch.cuda.set_device(dev)
+        print(f"Checking GPU {gpu} (locked while the check runs)", flush=True)
+    try:
+        return _gpu_check(dev, device, env, models, steps, micro_batch_size, data_dir, out_dir, start)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _gpu_check(
+    dev: torch.device, device: str, env: dict[str, str], models: str, steps: int | None,
+    micro_batch_size: int | None, data_dir: Path, out_dir: Path, start: float,
+) -> dict:  # fmt: skip
+    on_gpu = dev.type == "cuda"
     precision, why = choose_precision(dev)
     print(f"{device_name(dev)}: training precision {precision} ({why})", flush=True)
     peaks = {"measured": peak_flops(dev, torch.bfloat16 if precision != "32-true" else torch.float32)}
@@ -173,10 +231,12 @@ def gpu_check(
     for model in models.split(","):
         print(f"Training {model} for {steps} steps ...", flush=True)
         variants.append(
-            check_variant(model, precision, steps, 3 if on_gpu else 1, micro, on_gpu, data_dir, dev, peaks)
+            check_variant(
+                model, precision, steps, 3 if on_gpu else 1, micro, on_gpu, data_dir, dev, peaks, env
+            )
         )
     print("Training, evaluating, sampling, interpreting and exporting gpt_demo ...", flush=True)
-    demo = check_demo(precision, 20 if on_gpu else 4, data_dir, device, compile=on_gpu)
+    demo = check_demo(precision, 20 if on_gpu else 4, data_dir, device, compile=on_gpu, env=env)
     report = {
         "device": device_name(dev),
         "date": date.today().isoformat(),
@@ -210,7 +270,7 @@ def check_markdown(report: dict) -> str:
         f"torch {report['torch']}, CUDA {report['cuda'] or '-'}; precision {report['precision']} "
         f"({report['precision_reason']}). Matmul peak measured {report['peak_flops_measured'] / 1e12:.1f} "
         f"TFLOP/s"
-        + (f", datasheet {datasheet / 1e12:.0f} TFLOP/s." if datasheet else ", datasheet unknown."),
+        + (f", datasheet {datasheet / 1e12:.0f} TFLOP/s." if datasheet else ", datasheet peak unknown."),
         "",
     ]
     header = ["model", "micro", "steps", "compiled", "tokens/s", "MFU (measured peak)", "MFU (datasheet)",

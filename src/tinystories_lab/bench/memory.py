@@ -1,9 +1,11 @@
 """Memory of the real training step: `tinystories-lab step-memory`, and the micro batch `MICRO=auto` picks.
 
 Both run the project's training path itself (`tinystories_lab.pretrain`: Fabric, its precision plugin,
-torch.compile where it runs) for two optimizer steps of one micro batch each, in a process of its own,
-and read its peak: the CUDA allocator's maximum on a GPU, the process's peak resident memory on a CPU
-(which also counts Python, torch and the data, about 1 GiB).
+torch.compile where it runs) for two optimizer steps of one micro batch per rank, in processes of their
+own, on as many devices and under the strategy the run will use (DDP's gradient buckets and
+communication buffers, or FSDP's shards, are in the peak), and read rank 0's peak: the CUDA allocator's
+maximum on a GPU, the process's peak resident memory on a CPU (which also counts Python, torch and the
+data, about 1 GiB).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -29,15 +32,17 @@ CPU_MICRO_BATCH = 16  # on a CPU: the fastest micro batch of the 6L variants in 
 
 
 def step_peak(
-    config: Path, micro_batch: int, overrides: list[str], device: str, compile: bool, env: dict | None = None
-) -> dict:
-    """Two real optimizer steps of `config` at `micro_batch` (no accumulation): `peak_memory_gib`, and on a
-    GPU `device_memory_gib`, its total memory."""
-    args = [*overrides, f"--train.micro_batch_size={micro_batch}", f"--train.global_batch_size={micro_batch}"]
+    config: Path, micro_batch: int, overrides: list[str], device: str, compile: bool, env: dict | None = None,
+    devices: int = 1, strategy: str = "auto",
+) -> dict:  # fmt: skip
+    """Two real optimizer steps of `config` at `micro_batch` per rank (no accumulation) on `devices` under
+    `strategy`: rank 0's `peak_memory_gib`, and on a GPU `device_memory_gib`, its total memory."""
+    batch = micro_batch * devices
+    args = [*overrides, f"--train.micro_batch_size={micro_batch}", f"--train.global_batch_size={batch}"]
     seq_len = parse_config(config, *args).train.max_seq_length
-    args.append(f"--train.max_tokens={2 * micro_batch * seq_len}")
+    args.append(f"--train.max_tokens={2 * batch * seq_len}")
     with tempfile.TemporaryDirectory() as tmp:
-        return run_project(config, args, 1, compile, device, Path(tmp), env)
+        return run_project(config, args, 1, compile, device, Path(tmp), env, devices, strategy)
 
 
 def largest_fitting(batch: int, fits: Callable[[int], bool]) -> int:
@@ -48,11 +53,14 @@ def largest_fitting(batch: int, fits: Callable[[int], bool]) -> int:
     raise UserError(f"Not even a micro batch of 1 fits in {HEADROOM:.0%} of this device's memory.")
 
 
-def auto_micro_batch(config: Path, overrides: list[str], per_device_batch: int, env: dict) -> tuple[int, str]:
-    """The micro batch `MICRO=auto` trains with, and why. On a GPU (the first in `env`'s
-    CUDA_VISIBLE_DEVICES): the largest power of two whose real step, uncompiled (compiling only lowers the
-    peak), peaks under HEADROOM of the GPU's memory. On a CPU: CPU_MICRO_BATCH, or the largest power of two
-    below it that divides the batch."""
+def auto_micro_batch(
+    config: Path, overrides: list[str], per_device_batch: int, env: dict, devices: int = 1,
+    strategy: str = "auto",
+) -> tuple[int, str]:  # fmt: skip
+    """The micro batch `MICRO=auto` trains with, and why. On GPUs (the run's, `env`'s
+    CUDA_VISIBLE_DEVICES): the largest power of two whose real step on `devices` under `strategy`,
+    uncompiled (compiling only lowers the peak), peaks under HEADROOM of a GPU's memory on rank 0. On a
+    CPU: CPU_MICRO_BATCH, or the largest power of two below it that divides the batch."""
     if not torch.cuda.is_available() or env.get("CUDA_VISIBLE_DEVICES") == "":
         micro = largest_fitting(per_device_batch, lambda m: m <= CPU_MICRO_BATCH)
         return micro, f"the CPU default, {CPU_MICRO_BATCH}"
@@ -60,7 +68,7 @@ def auto_micro_batch(config: Path, overrides: list[str], per_device_batch: int, 
 
     def fits(micro: int) -> bool:
         try:
-            run = step_peak(config, micro, overrides, "cuda", compile=False, env=env)
+            run = step_peak(config, micro, overrides, "cuda", False, env, devices, strategy)
         except RuntimeError as e:
             if "out of memory" in str(e).lower():
                 return False
@@ -74,7 +82,8 @@ def auto_micro_batch(config: Path, overrides: list[str], per_device_batch: int, 
 
     micro = largest_fitting(per_device_batch, fits)
     peak, total = peaks[micro]
-    return micro, f"its step peaks at {peak:.1f} GiB, under {HEADROOM:.0%} of the GPU's {total:.1f} GiB"
+    where = f" on {devices} GPUs (strategy {strategy})" if devices > 1 else ""
+    return micro, f"its step{where} peaks at {peak:.1f} GiB, under {HEADROOM:.0%} of a GPU's {total:.1f} GiB"
 
 
 def step_memory(
@@ -84,11 +93,14 @@ def step_memory(
     device: str = "auto",
     data_dir: Path = Path("data"),
     queues: list[Path] | None = None,
+    devices: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
 ) -> list[dict]:
     """Peak memory of each config's real training step at its micro batch (or `micro_batch_size`).
 
-    Two optimizer steps through the project's training path in a process of their own, on the sample
-    data (`make data-sample`); the configs' micro batches are the largest powers of two under 16 GB.
+    Two optimizer steps through the project's training path in processes of their own, on the sample
+    data (`make data-sample`), on `devices` under `strategy` (rank 0's peak); the configs' micro batches
+    are the largest powers of two under 16 GB on one device.
 
     Args:
         models: Experiment names or config paths.
@@ -98,17 +110,20 @@ def step_memory(
         data_dir: Data folder holding the sample's tokenizer and token files.
         queues: Queue files to look experiment names up in (default: experiments.yaml and
             experiments.demo.yaml).
+        devices: Processes (GPUs) to measure on, as a run with `devices: N` trains.
+        strategy: 'auto', 'ddp' or 'fsdp', as the run's entry sets it.
     """
     device = resolve_device(device)
     rows = []
     for model in models:
         config = resolve_config(model, queues)
         micro = micro_batch_size or parse_config(config).train.micro_batch_size
-        peak = step_peak(config, micro, Setting(model).overrides(data_dir), device, compile)[
-            "peak_memory_gib"
-        ]
+        overrides = Setting(model).overrides(data_dir)
+        run = step_peak(config, micro, overrides, device, compile, None, devices, strategy)
+        peak = run["peak_memory_gib"]
         rows.append({"model": model, "micro_batch_size": micro, "peak_gib": peak, "device": device})
-        print(f"{model}: micro batch {micro}, peak {peak:.2f} GiB on {device}", flush=True)
+        on = f"{devices} x {device} ({strategy})" if devices > 1 else device
+        print(f"{model}: micro batch {micro}, peak {peak:.2f} GiB on {on}", flush=True)
     under = {True: "yes", False: "no"}
     table = [
         [

@@ -91,16 +91,21 @@ def run_project(
     device: str,
     workdir: Path,
     env: dict[str, str] | None = None,
+    devices: int = 1,
+    strategy: str = "auto",
 ) -> dict:
     """The project's training path (`python -m tinystories_lab.pretrain`, as the runner starts it) for
     warmup + steps optimizer steps; speed from the median step time in its CSV metrics (robust to a
-    passing disturbance)."""
+    passing disturbance). With `devices` > 1, rank 0's peak memory under `strategy`."""
     cfg = parse_config(config, *overrides)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.max_seq_length
-    cmd = [sys.executable, "-m", "tinystories_lab.pretrain", "--config", str(config), *overrides]
+    cmd = [sys.executable, "-m", "tinystories_lab.pretrain", f"--strategy={strategy}"]
     cmd += [
+        "--config",
+        str(config),
+        *overrides,
         f"--out_dir={workdir}",
-        "--devices=1",
+        f"--devices={devices}",
         "--logger_name=csv",
         "--train.save_interval=null",
         "--train.log_interval=1",

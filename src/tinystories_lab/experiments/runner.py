@@ -48,6 +48,7 @@ from tinystories_lab.experiments.runs import (
     world_size,
     write_run_file,
 )
+from tinystories_lab.pretrain import check_resumable, choose_strategy
 
 Logger = Literal["csv", "tensorboard", "wandb"]
 
@@ -215,10 +216,12 @@ def check_ready(
     resize: bool = False,
 ) -> None:
     """Refuse to start when the config does not parse, cannot train on the entry's devices, its tokenizer
-    or token files are missing, its checkpoints cannot be resumed or were trained on another world size or
-    batch (unless `resize`); for SLURM, what sbatch would refuse."""
+    or token files are missing, its checkpoints cannot be resumed (another strategy's, or trained on another
+    world size or batch unless `resize`); for SLURM, what sbatch would refuse."""
     check_local_nodes(entry)
-    cfg = parse_config(entry["config"], *entry.get("args", []), *args)
+    # MICRO=auto picks a micro batch dividing the per-device batch: only the devices must divide the batch.
+    auto = ["--train.micro_batch_size=1"] if micro_batch_size == "auto" else []
+    cfg = parse_config(entry["config"], *entry.get("args", []), *args, *auto)
     check_training(cfg.train, world_size(entry))
     if cfg.tokenizer_dir is None:
         raise UserError(f"{entry['config']} sets no tokenizer_dir; the TinyStories data module needs one.")
@@ -241,6 +244,10 @@ def check_ready(
                 f"trained with seed {Checkpoint(ckpt).hparams['seed']}; put that seed first in its seeds:, "
                 "or train it from zero with RESTART=1."
             )
+        strategy = entry.get("strategy", "auto")
+        if ckpt and not (is_slurm(entry) and strategy == "auto"):  # there, auto depends on the node's GPU
+            # DDP's and FSDP's checkpoints differ: refused here, before anything starts.
+            check_resumable(ckpt, choose_strategy(cfg, world_size(entry), strategy))
         if not resize:
             check_same_batch(entry, cfg.train, micro_batch_size)
     if is_slurm(entry):
@@ -452,7 +459,8 @@ def choose_micro_batch(queue: Queue, entry: dict, env: dict[str, str]) -> None:
     args = [*entry.get("args", []), *entry.get("run_args", [])]
     cfg = parse_config(entry["config"], *args)
     per_device = cfg.train.global_batch_size // world_size(entry)
-    micro, why = auto_micro_batch(Path(entry["config"]), args, per_device, env)
+    devices, strategy = entry.get("devices", 1), entry.get("strategy", "auto")
+    micro, why = auto_micro_batch(Path(entry["config"]), args, per_device, env, devices, strategy)
     entry["run_args"] = [*entry.get("run_args", []), f"--train.micro_batch_size={micro}"]
     _record(queue, entry["name"], run_args=entry["run_args"])
     print(f"{entry['name']}: micro batch {micro} ({why}); {per_device // micro} accumulation steps.")
