@@ -498,6 +498,14 @@ def test_a_resume_with_another_world_size_or_batch_is_refused_unless_asked(tmp_p
     assert "micro batch 16 -> 32" in err
     assert "RESIZE=1" in err and queue.read_bytes() == before
     runner_module.check_ready(e, [], resize=True)  # asked for: allowed
+    # A kill between LitGPT writing the weights and the hyperparameters: the check reads the step before,
+    # and `make list` still shows the run.
+    fake_checkpoint(out / "step-00000008", 8, devices=2, micro=16)
+    (out / "step-00000008" / "hyperparameters.yaml").unlink()
+    code, _, err = run_cli(["run-specific", "a", "--queues", f"[{queue}]"], capsys)
+    assert code == 1 and "world size (devices x num_nodes) 2 -> 1" in err and "Traceback" not in err, err
+    code, out_text, _ = run_cli(["list", "--queues", f"[{queue}]"], capsys)
+    assert code == 0 and any(line.startswith("a ") for line in out_text.splitlines())
 
 
 def test_a_refusal_after_the_claim_restores_the_entry_and_leaves_no_folder(
@@ -635,7 +643,7 @@ def test_ctrl_c_on_wait_is_one_line_and_the_job_goes_on(tmp_path, sample_data):
     proc = runner("run-specific", queue, "a", "--wait", "true", wait=False)
     try:
         lines = []
-        while not (lines and "PENDING" in lines[-1]):
+        while not (lines and "BeginTime" in lines[-1]):  # the scheduler may say "PENDING (None)" first
             lines.append(proc.stdout.readline())
             assert lines[-1], "".join(lines)
         assert lines[-1].rstrip().endswith("PENDING (BeginTime)"), lines[-1]  # not "((BeginTime))"

@@ -39,7 +39,7 @@ def experiment_row(entry: dict) -> list[str]:
         return [*row, f"- (cannot read {out_dir})", "-"]
     max_tokens, done = cfg.train.max_tokens, 0
     ckpt, _ = newest_loadable(out_dir)
-    if ckpt is not None:
+    if ckpt is not None and ckpt.hparams:  # (a save cut short has no hyperparameters yet)
         max_tokens = ckpt.hparams["train"]["max_tokens"]  # what the run was launched with
         done = ckpt.tokens_seen()
     val = last_val_loss(out_dir)

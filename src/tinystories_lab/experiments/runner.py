@@ -274,9 +274,10 @@ def check_same_batch(entry: dict, train, micro_batch_size: Literal["auto"] | Non
     """Refuse a resume whose world size, global batch or micro batch differs from the checkpoint's: it would
     train another run (other optimizer steps and data order) under the same name."""
     newest, _ = newest_loadable(out_dir_of(entry))
-    if newest is None:
+    recorded = [c.hparams for c in (newest, *step_checkpoints(out_dir_of(entry))) if c and c.hparams]
+    if not recorded:
         return
-    saved = newest.hparams
+    saved = recorded[0]  # the newest checkpoint's, or the one before when its save was cut short
     changes = [("world size (devices x num_nodes)", world_size(saved), world_size(entry)),
                ("global batch", saved["train"]["global_batch_size"], train.global_batch_size)]  # fmt: skip
     if micro_batch_size != "auto":  # MICRO=auto keeps the micro batch the run started with

@@ -53,8 +53,10 @@ class Checkpoint:
 
     @cached_property
     def hparams(self) -> dict:
-        """The `litgpt pretrain` arguments saved next to the checkpoint."""
-        return yaml.safe_load((self.folder / "hyperparameters.yaml").read_text())
+        """The `litgpt pretrain` arguments saved next to the checkpoint; {} when a kill cut the save short
+        before LitGPT wrote them (it writes the weights first, which resume fine)."""
+        path = self.folder / "hyperparameters.yaml"
+        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
     def step_count(self) -> int:
         """Optimizer steps taken up to this checkpoint."""
