@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,12 @@ def write_queue(path, entries):
 UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
 
 
+def _interruptible() -> None:
+    """Ctrl-C reaches the child as in a terminal even when the tests run as a background job: its shell
+    ignores SIGINT, the child would inherit that, and Python would then never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def runner(verb, queue, *args, wait=True, unprivileged=False):
     """The real runner CLI in a subprocess (TORCH_COMPILE_DISABLE=1 keeps each LitGPT start short);
     `unprivileged`: as a user whom file permissions bind, even when the tests run as root."""
@@ -112,7 +119,14 @@ def runner(verb, queue, *args, wait=True, unprivileged=False):
     cmd = (UNPRIVILEGED if unprivileged else []) + cmd
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=_interruptible,
+        )
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
