@@ -20,7 +20,12 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra is not insta
 
 from tinystories_lab.export.gguf import permute_rope, write_gguf  # noqa: E402
 from tinystories_lab.export.gguf_exporter import export_gguf  # noqa: E402
-from tinystories_lab.export.gguf_parity import TOLERANCE, llama_logits, load_llama  # noqa: E402
+from tinystories_lab.export.gguf_parity import (  # noqa: E402
+    TOLERANCE,
+    llama_cpp_gelu,
+    llama_logits,
+    load_llama,
+)
 from tinystories_lab.export.parity import EDGE_CASES  # noqa: E402
 
 
@@ -38,6 +43,15 @@ def test_rope_permutation_puts_each_rotated_pair_side_by_side():
     # LitGPT rotates element i with i + d/2 of each head; llama.cpp's llama RoPE rotates 2i with 2i + 1.
     rows = torch.arange(2 * 8).float()[:, None]  # two heads of eight rows
     assert permute_rope(rows, 2).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_llama_cpp_gelu_is_the_tanh_approximation_through_an_f16_table():
+    x = torch.tensor([-11.0, -1.0, 0.5, 1.0, 3.0, 11.0])
+    y = llama_cpp_gelu(x)
+    assert y[0] == 0 and y[-1] == 11  # outside the table: 0 and the identity
+    assert torch.equal(y, y.half().float())  # every value an f16
+    assert y[3].item() == 0.84130859375  # tanh GELU(1) = 0.841192, the nearest f16; exact GELU(1) = 0.841345
+    assert 0 < (y - torch.nn.functional.gelu(x)).abs().max() < 2e-3
 
 
 @pytest.mark.parametrize(
@@ -94,6 +108,11 @@ def test_demo_models_export_to_gguf_and_pass_parity(ggufs, name):
     record = ggufs[name]
     folder = ggufs["dir"] / name
     assert record["max_abs_logit_diff_f32"] <= TOLERANCE and record["logit_tokens"] == 4 * 128
+    exact_gelu = record["max_abs_logit_diff_f32_exact_gelu"]
+    if name == "llama_demo":  # no GELU: both comparisons are the same
+        assert exact_gelu == record["max_abs_logit_diff_f32"]
+    else:  # llama.cpp's GELU is most of the difference to the model as trained
+        assert exact_gelu > 2 * record["max_abs_logit_diff_f32"]
     assert record["greedy_tokens_identical"] == 64 and record["tokenizer_texts_identical"] == 8 + len(
         EDGE_CASES
     )
