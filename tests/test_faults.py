@@ -33,8 +33,10 @@ from conftest import (
 
 from tinystories_lab.cli import main
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments import outcomes
 from tinystories_lab.experiments import runner as runner_module
 from tinystories_lab.experiments.gpus import claim_gpus
+from tinystories_lab.experiments.launch import failure_reason
 from tinystories_lab.experiments.locks import LOCK_DIR_ENV, RunLock, run_is_alive
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import step_checkpoints, write_run_file
@@ -202,7 +204,7 @@ def test_an_outcome_is_recorded_once_a_full_disk_has_room_again(tmp_path, sample
             while True:
                 os.write(fd, b"\0" * 4096)
         os.close(fd)
-        record = threading.Thread(target=runner_module._finish, args=(Queue(queue), "a", "done"))
+        record = threading.Thread(target=outcomes.finish, args=(Queue(queue), "a", "done"))
         record.start()
         wait_for(lambda: "Disk full: cannot record that a is done" in capsys.readouterr().err, timeout=30)
         assert status(queue, "a")["status"] == "running"
@@ -512,7 +514,7 @@ def test_a_refusal_after_the_claim_restores_the_entry_and_leaves_no_folder(
     tmp_path, sample_data, monkeypatch, capsys
 ):
     def no_gpus(*_args):
-        raise runner_module.UserError("Not enough free GPUs: 1 asked for, 0 free.")
+        raise UserError("Not enough free GPUs: 1 asked for, 0 free.")
 
     monkeypatch.setattr(runner_module, "claim_gpus", no_gpus)
     queue = write_queue(tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "attempts": 2}])
@@ -529,7 +531,7 @@ def test_slurm_options_are_checked_as_sbatch_would(tmp_path, sample_data):
     queue = write_queue(tmp_path / "q.yaml", [{**e, "slurm": args}])
     assert Queue(queue).load()[0]["slurm"]["sbatch_args"] == ["--exclusive", "--mem=0"]  # YAML's list type
     write_queue(queue, [{**e, "slurm": {"sbatch_args": "--exclusive"}}])
-    with pytest.raises(runner_module.UserError, match="slurm.sbatch_args must be a list"):
+    with pytest.raises(UserError, match="slurm.sbatch_args must be a list"):
         Queue(queue).load()
     if shutil.which("sbatch") is None:
         pytest.skip("no sbatch here")
@@ -552,9 +554,9 @@ def test_the_failure_reason_is_the_failing_tasks_first_real_error():
         "srun: error: ts-n1: task 1: Exited with exit code 1",
         "0: UserWarning: something else",
     ]
-    assert runner_module.failure_reason(log) == "ModuleNotFoundError: No module named 'mlflow'"
-    assert runner_module.failure_reason(["error: ts is trained by another process"]).startswith("error: ")
-    assert runner_module.failure_reason(["UserWarning: nothing", "loss 3.2"]) is None
+    assert failure_reason(log) == "ModuleNotFoundError: No module named 'mlflow'"
+    assert failure_reason(["error: ts is trained by another process"]).startswith("error: ")
+    assert failure_reason(["UserWarning: nothing", "loss 3.2"]) is None
 
 
 def test_list_shows_every_entry_and_marks_a_bad_one_in_one_line(tmp_path, sample_data, capsys):

@@ -125,12 +125,12 @@ def test_reset_deletes_only_a_run_folder(tmp_path, sample_data, capsys):
 
 
 def test_an_outcome_is_recorded_though_another_entry_lost_its_config(tmp_path, sample_data):
-    from tinystories_lab.experiments.runner import _finish
+    from tinystories_lab.experiments.outcomes import finish
 
     b = {**entry("b", tmp_path, sample_data), "config": "config_hub/pretrain/tiny_stories/gone.yaml"}
     queue = write_queue(tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "status": "running"}, b])
     queue.chmod(0o664)  # a queue shared by a group stays readable by it
-    _finish(Queue(queue), "a", status="done", exit_code=0)
+    finish(Queue(queue), "a", status="done", exit_code=0)
     a = yaml.safe_load(queue.read_text())["experiments"][0]
     assert a["status"] == "done" and a["exit_code"] == 0
     assert queue.stat().st_mode & 0o777 == 0o664
@@ -276,7 +276,7 @@ def test_run_all_goes_past_a_failure_and_reports_every_outcome(tmp_path, sample_
 
 
 def test_logger_choice_and_offline_wandb(tmp_path, monkeypatch):
-    from tinystories_lab.experiments.runner import child_env, launch_command
+    from tinystories_lab.experiments.launch import child_env, launch_command
 
     e = {"name": "a", "config": "c.yaml", "devices": 2, "num_nodes": 1, "args": ["--seed=1"]}
     cmd = launch_command(e, "tensorboard", ["--train.max_tokens=10"])
