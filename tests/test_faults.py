@@ -33,7 +33,7 @@ from conftest import (
 
 from tinystories_lab.cli import main
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments import outcomes
+from tinystories_lab.experiments import checks, outcomes
 from tinystories_lab.experiments import runner as runner_module
 from tinystories_lab.experiments.gpus import claim_gpus
 from tinystories_lab.experiments.launch import failure_reason
@@ -193,7 +193,7 @@ def test_a_full_disk_fails_the_run_with_its_error_and_records_it(tmp_path, sampl
 
 
 def test_an_outcome_is_recorded_once_a_full_disk_has_room_again(tmp_path, sample_data, monkeypatch, capsys):
-    monkeypatch.setattr(runner_module, "DISK_FULL_RETRY_S", 0.2)
+    monkeypatch.setattr(outcomes, "DISK_FULL_RETRY_S", 0.2)
     with tiny_disk(tmp_path / "disk", "256k") as disk:
         queue = write_queue(disk / "q.yaml", [{**entry("a", tmp_path, sample_data), "status": "running"}])
         Queue(queue).load()
@@ -499,7 +499,7 @@ def test_a_resume_with_another_world_size_or_batch_is_refused_unless_asked(tmp_p
     assert code == 1 and "world size (devices x num_nodes) 2 -> 1" in err, err
     assert "micro batch 16 -> 32" in err
     assert "RESIZE=1" in err and queue.read_bytes() == before
-    runner_module.check_ready(e, [], resize=True)  # asked for: allowed
+    checks.check_ready(e, [], resize=True)  # asked for: allowed
     # A kill between LitGPT writing the weights and the hyperparameters: the check reads the step before,
     # and `make list` still shows the run.
     fake_checkpoint(out / "step-00000008", 8, devices=2, micro=16)
