@@ -1,6 +1,7 @@
 """The queue and the runner, with the real runner and the real `litgpt pretrain` on the sample."""
 
 import csv
+import json
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,8 @@ def test_run_next_trains_a_todo_entry_to_done(tmp_path, sample_data):
     assert (out / "final" / "lit_model.pth").is_file()
     log = (out / "logs").glob("*.log")
     assert "--resume=auto" in next(log).read_text()
+    measured = json.loads((out / "device.json").read_text())  # rank 0's peak, for MICRO=auto (probe.py)
+    assert 0.1 < measured["peak_memory_gib"] < 16 and set(measured) == {"peak_memory_gib", "device_memory_gib"}
     listing = subprocess.run(
         [sys.executable, "-m", "tinystories_lab.cli", "list", "--queues", f"[{queue}]"],
         capture_output=True, text=True, check=True,

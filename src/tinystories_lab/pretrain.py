@@ -365,9 +365,17 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except torch.OutOfMemoryError as e:  # the probe (MICRO=auto) reads this exit code, not the message
+    except RuntimeError as e:  # the probe (MICRO=auto) reads the exit code, never the message
+        if not out_of_memory(e):
+            raise
         print(f"error: out of memory: {e}", file=sys.stderr)
         sys.exit(OUT_OF_MEMORY_EXIT)
+
+
+def out_of_memory(e: RuntimeError) -> bool:
+    """The caching allocator raises OutOfMemoryError; a CUDA library finding no memory (cuBLAS's workspace,
+    a kernel launch) raises a RuntimeError naming the CUDA error instead."""
+    return isinstance(e, torch.OutOfMemoryError) or "CUDA error: out of memory" in str(e)
 
 
 if __name__ == "__main__":
