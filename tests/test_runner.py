@@ -156,7 +156,9 @@ def test_run_next_trains_a_todo_entry_to_done(tmp_path, sample_data):
     log = (out / "logs").glob("*.log")
     assert "--resume=auto" in next(log).read_text()
     measured = json.loads((out / "device.json").read_text())  # rank 0's peak, for MICRO=auto (probe.py)
-    assert 0.1 < measured["peak_memory_gib"] < 16 and set(measured) == {"peak_memory_gib", "device_memory_gib"}
+    assert (
+        set(measured) == {"peak_memory_gib", "device_memory_gib"} and 0.1 < measured["peak_memory_gib"] < 16
+    )
     listing = subprocess.run(
         [sys.executable, "-m", "tinystories_lab.cli", "list", "--queues", f"[{queue}]"],
         capture_output=True, text=True, check=True,

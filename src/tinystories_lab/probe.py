@@ -29,7 +29,7 @@ from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.runs import metrics_files, world_size
 
 DEVICE_FILE = "device.json"  # written by the training process's rank 0 into its out_dir
-OUT_OF_MEMORY_EXIT = 3  # a training process that ran out of device memory (1: an error, 2: usage, 75: preempted)
+OUT_OF_MEMORY_EXIT = 3  # a training process out of device memory (1: an error, 2: usage, 75: preempted)
 HEADROOM = 0.85  # a micro batch must leave this share of the device's memory unused by its peak
 CPU_MICRO_BATCH = 16  # on a CPU: the fastest micro batch of the 6L variants in the benchmark sweep
 
