@@ -85,11 +85,13 @@ def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compil
     settings = dict(
         config=str(config), overrides=overrides, steps=steps, warmup=warmup, compile=compile, device=device
     )
-    cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(True, device))
-    if result.returncode != 0:
-        raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = Path(tmp) / "bare.json"
+        cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings), str(measured)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(True, device))
+        if result.returncode != 0:
+            raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
+        return json.loads(measured.read_text())
 
 
 def median_run(runs: list[dict]) -> dict:
