@@ -27,6 +27,9 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
 
 Under SLURM each node's first process prints its node rank and the main address Fabric connects to.
 
+For `MICRO=auto` and the benchmarks (`tinystories_lab.probe`), rank 0 writes its peak memory and the GPU's
+total to `device.json` in the out_dir, and a run out of device memory exits with `OUT_OF_MEMORY_EXIT` (3).
+
 Every rank takes a lock in the run folder (`RunLock`), so the runner knows a run is alive until all its
 processes are gone, and dies with the process that started it (`experiments/lifeline.py`).
 """
