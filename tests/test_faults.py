@@ -586,6 +586,28 @@ def test_the_finetune_log_is_written_line_by_line(tmp_path):
         proc.wait()
 
 
+def test_a_finetune_stopped_by_sigterm_stops_litgpt_with_it(tmp_path):
+    """Fine-tuning supervises LitGPT as the runner does: our SIGTERM reaches its process group."""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from tinystories_lab.experiments.locks import RunLock\n"
+        "from tinystories_lab.finetune.run import run_logged\n"
+        "out = Path(sys.argv[1]); lock = RunLock(out); lock.acquire()\n"
+        "child = 'import os, time; open(os.sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(300)'\n"
+        "sys.exit(run_logged([sys.executable, '-c', child, str(out / 'pid')], out, lock))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "pid").is_file() and (tmp_path / "pid").read_text(), 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    litgpt = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(litgpt, 0)
+
+
 def test_offline_hub_and_text_refusals_are_one_line(tmp_path, capsys):
     env = {
         **os.environ,
