@@ -2,7 +2,9 @@
 
 The job runs one task per device with srun (Fabric takes the ranks from SLURM), resumes from the newest
 checkpoint that loads, asks for a signal before its time limit and requeues itself on it, and records its
-own start and outcome in the queue (`tinystories-lab slurm-record`).
+own start and outcome in the queue (`tinystories-lab slurm-record`). Here too: submitting an entry's job
+(`submit_entry`), waiting for it (`wait_for_job`, `--wait true`) and checking a requeued job's progress
+(`record_start`).
 """
 
 from __future__ import annotations
