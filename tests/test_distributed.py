@@ -25,8 +25,8 @@ from conftest import (
 from tinystories_lab.errors import UserError
 from tinystories_lab.evaluate.perplexity import evaluate_run
 from tinystories_lab.experiments.gpus import claim_gpus
+from tinystories_lab.experiments.launch import child_env
 from tinystories_lab.experiments.locks import run_is_alive
-from tinystories_lab.experiments.runner import child_env
 from tinystories_lab.experiments.runs import read_curves
 from tinystories_lab.export.exporter import export_checkpoint
 

@@ -33,8 +33,10 @@ from conftest import (
 
 from tinystories_lab.cli import main
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments import checks, outcomes
 from tinystories_lab.experiments import runner as runner_module
 from tinystories_lab.experiments.gpus import claim_gpus
+from tinystories_lab.experiments.launch import failure_reason
 from tinystories_lab.experiments.locks import LOCK_DIR_ENV, RunLock, run_is_alive
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import step_checkpoints, write_run_file
@@ -191,7 +193,7 @@ def test_a_full_disk_fails_the_run_with_its_error_and_records_it(tmp_path, sampl
 
 
 def test_an_outcome_is_recorded_once_a_full_disk_has_room_again(tmp_path, sample_data, monkeypatch, capsys):
-    monkeypatch.setattr(runner_module, "DISK_FULL_RETRY_S", 0.2)
+    monkeypatch.setattr(outcomes, "DISK_FULL_RETRY_S", 0.2)
     with tiny_disk(tmp_path / "disk", "256k") as disk:
         queue = write_queue(disk / "q.yaml", [{**entry("a", tmp_path, sample_data), "status": "running"}])
         Queue(queue).load()
@@ -202,7 +204,7 @@ def test_an_outcome_is_recorded_once_a_full_disk_has_room_again(tmp_path, sample
             while True:
                 os.write(fd, b"\0" * 4096)
         os.close(fd)
-        record = threading.Thread(target=runner_module._finish, args=(Queue(queue), "a", "done"))
+        record = threading.Thread(target=outcomes.finish, args=(Queue(queue), "a", "done"))
         record.start()
         wait_for(lambda: "Disk full: cannot record that a is done" in capsys.readouterr().err, timeout=30)
         assert status(queue, "a")["status"] == "running"
@@ -497,7 +499,7 @@ def test_a_resume_with_another_world_size_or_batch_is_refused_unless_asked(tmp_p
     assert code == 1 and "world size (devices x num_nodes) 2 -> 1" in err, err
     assert "micro batch 16 -> 32" in err
     assert "RESIZE=1" in err and queue.read_bytes() == before
-    runner_module.check_ready(e, [], resize=True)  # asked for: allowed
+    checks.check_ready(e, [], resize=True)  # asked for: allowed
     # A kill between LitGPT writing the weights and the hyperparameters: the check reads the step before,
     # and `make list` still shows the run.
     fake_checkpoint(out / "step-00000008", 8, devices=2, micro=16)
@@ -512,7 +514,7 @@ def test_a_refusal_after_the_claim_restores_the_entry_and_leaves_no_folder(
     tmp_path, sample_data, monkeypatch, capsys
 ):
     def no_gpus(*_args):
-        raise runner_module.UserError("Not enough free GPUs: 1 asked for, 0 free.")
+        raise UserError("Not enough free GPUs: 1 asked for, 0 free.")
 
     monkeypatch.setattr(runner_module, "claim_gpus", no_gpus)
     queue = write_queue(tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "attempts": 2}])
@@ -529,7 +531,7 @@ def test_slurm_options_are_checked_as_sbatch_would(tmp_path, sample_data):
     queue = write_queue(tmp_path / "q.yaml", [{**e, "slurm": args}])
     assert Queue(queue).load()[0]["slurm"]["sbatch_args"] == ["--exclusive", "--mem=0"]  # YAML's list type
     write_queue(queue, [{**e, "slurm": {"sbatch_args": "--exclusive"}}])
-    with pytest.raises(runner_module.UserError, match="slurm.sbatch_args must be a list"):
+    with pytest.raises(UserError, match="slurm.sbatch_args must be a list"):
         Queue(queue).load()
     if shutil.which("sbatch") is None:
         pytest.skip("no sbatch here")
@@ -552,9 +554,9 @@ def test_the_failure_reason_is_the_failing_tasks_first_real_error():
         "srun: error: ts-n1: task 1: Exited with exit code 1",
         "0: UserWarning: something else",
     ]
-    assert runner_module.failure_reason(log) == "ModuleNotFoundError: No module named 'mlflow'"
-    assert runner_module.failure_reason(["error: ts is trained by another process"]).startswith("error: ")
-    assert runner_module.failure_reason(["UserWarning: nothing", "loss 3.2"]) is None
+    assert failure_reason(log) == "ModuleNotFoundError: No module named 'mlflow'"
+    assert failure_reason(["error: ts is trained by another process"]).startswith("error: ")
+    assert failure_reason(["UserWarning: nothing", "loss 3.2"]) is None
 
 
 def test_list_shows_every_entry_and_marks_a_bad_one_in_one_line(tmp_path, sample_data, capsys):
@@ -582,6 +584,28 @@ def test_the_finetune_log_is_written_line_by_line(tmp_path):
     finally:
         proc.kill()  # kill -9: the log already holds the line
         proc.wait()
+
+
+def test_a_finetune_stopped_by_sigterm_stops_litgpt_with_it(tmp_path):
+    """Fine-tuning supervises LitGPT as the runner does: our SIGTERM reaches its process group."""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from tinystories_lab.experiments.locks import RunLock\n"
+        "from tinystories_lab.finetune.run import run_logged\n"
+        "out = Path(sys.argv[1]); lock = RunLock(out); lock.acquire()\n"
+        "child = 'import os, time; open(os.sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(300)'\n"
+        "sys.exit(run_logged([sys.executable, '-c', child, str(out / 'pid')], out, lock))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "pid").is_file() and (tmp_path / "pid").read_text(), 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    litgpt = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(litgpt, 0)
 
 
 def test_offline_hub_and_text_refusals_are_one_line(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The queue and the runner, with the real runner and the real `litgpt pretrain` on the sample."""
 
 import csv
+import json
 import shutil
 import signal
 import subprocess
@@ -125,12 +126,12 @@ def test_reset_deletes_only_a_run_folder(tmp_path, sample_data, capsys):
 
 
 def test_an_outcome_is_recorded_though_another_entry_lost_its_config(tmp_path, sample_data):
-    from tinystories_lab.experiments.runner import _finish
+    from tinystories_lab.experiments.outcomes import finish
 
     b = {**entry("b", tmp_path, sample_data), "config": "config_hub/pretrain/tiny_stories/gone.yaml"}
     queue = write_queue(tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "status": "running"}, b])
     queue.chmod(0o664)  # a queue shared by a group stays readable by it
-    _finish(Queue(queue), "a", status="done", exit_code=0)
+    finish(Queue(queue), "a", status="done", exit_code=0)
     a = yaml.safe_load(queue.read_text())["experiments"][0]
     assert a["status"] == "done" and a["exit_code"] == 0
     assert queue.stat().st_mode & 0o777 == 0o664
@@ -154,6 +155,10 @@ def test_run_next_trains_a_todo_entry_to_done(tmp_path, sample_data):
     assert (out / "final" / "lit_model.pth").is_file()
     log = (out / "logs").glob("*.log")
     assert "--resume=auto" in next(log).read_text()
+    measured = json.loads((out / "device.json").read_text())  # rank 0's peak, for MICRO=auto (probe.py)
+    assert (
+        set(measured) == {"peak_memory_gib", "device_memory_gib"} and 0.1 < measured["peak_memory_gib"] < 16
+    )
     listing = subprocess.run(
         [sys.executable, "-m", "tinystories_lab.cli", "list", "--queues", f"[{queue}]"],
         capture_output=True, text=True, check=True,
@@ -276,7 +281,7 @@ def test_run_all_goes_past_a_failure_and_reports_every_outcome(tmp_path, sample_
 
 
 def test_logger_choice_and_offline_wandb(tmp_path, monkeypatch):
-    from tinystories_lab.experiments.runner import child_env, launch_command
+    from tinystories_lab.experiments.launch import child_env, launch_command
 
     e = {"name": "a", "config": "c.yaml", "devices": 2, "num_nodes": 1, "args": ["--seed=1"]}
     cmd = launch_command(e, "tensorboard", ["--train.max_tokens=10"])

@@ -40,8 +40,8 @@ def test_early_saves_add_powers_of_two_below_the_interval():
 
 def test_early_checkpoints_is_a_queue_flag(tmp_path):
     from tinystories_lab.errors import UserError
+    from tinystories_lab.experiments.launch import launch_command
     from tinystories_lab.experiments.queue import validate
-    from tinystories_lab.experiments.runner import launch_command
 
     e = {"name": "a", "config": "c.yaml", "status": "todo", "early_checkpoints": True}
     assert "--early_checkpoints=true" in launch_command(e, None, [])

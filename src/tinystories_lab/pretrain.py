@@ -27,6 +27,9 @@ It takes `litgpt pretrain`'s arguments, plus `--strategy auto|ddp|fsdp`, and run
 
 Under SLURM each node's first process prints its node rank and the main address Fabric connects to.
 
+For `MICRO=auto` and the benchmarks (`tinystories_lab.probe`), rank 0 writes its peak memory and the GPU's
+total to `device.json` in the out_dir, and a run out of device memory exits with `OUT_OF_MEMORY_EXIT` (3).
+
 Every rank takes a lock in the run folder (`RunLock`), so the runner knows a run is alive until all its
 processes are gone, and dies with the process that started it (`experiments/lifeline.py`).
 """
@@ -42,12 +45,10 @@ import sys
 from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
-from typing import Literal
 
 import lightning
 import litgpt.pretrain
 import torch
-from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
@@ -56,31 +57,15 @@ from litgpt.utils import CLI, chunked_cross_entropy, parse_devices, reset_parame
 from torchmetrics.aggregation import RunningMean
 
 from tinystories_lab import preemption
-from tinystories_lab.configs import check_training, count_parameters, model_config, pretrain_parser
+from tinystories_lab.configs import check_training, pretrain_parser
 from tinystories_lab.errors import UserError
+from tinystories_lab.experiments.launch import Strategy, choose_strategy
 from tinystories_lab.experiments.locks import RunLock
-from tinystories_lab.experiments.runs import resume_point
+from tinystories_lab.experiments.runs import check_resumable, resume_point
+from tinystories_lab.probe import OUT_OF_MEMORY_EXIT, write_device_file
 
-Strategy = Literal["auto", "ddp", "fsdp"]
-ADAM_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients and AdamW's two moments
-STATE_SHARE_OF_MEMORY = 0.5  # leave the rest of a device's memory to activations
 VALIDATION_CHUNK = 4096  # tokens whose logits validation turns into fp32 at a time
 LITGPT_FIT = litgpt.pretrain.fit
-
-
-def choose_strategy(cfg: Namespace, world: int, strategy: Strategy) -> Strategy | Literal["single"]:
-    """`ddp` when the training state fits one device, `fsdp` when it does not; `single` for one process."""
-    if world == 1:
-        return "single"
-    if strategy != "auto":
-        return strategy
-    if not torch.cuda.is_available():
-        return "ddp"  # a CPU's memory is the machine's: nothing to shard for
-    config = model_config(cfg)
-    state = count_parameters(config, cfg.train.tie_embeddings) * ADAM_BYTES_PER_PARAMETER
-    return (
-        "ddp" if state <= STATE_SHARE_OF_MEMORY * torch.cuda.get_device_properties(0).total_memory else "fsdp"
-    )
 
 
 def shard_blocks_and_root(model: GPT, mesh) -> GPT:
@@ -270,27 +255,6 @@ def _fit_saving_early(fit, *args, train, **kwargs):
     return fit(*args, train=train, **kwargs)
 
 
-def saved_by_fsdp(checkpoint: Path) -> bool:
-    """Whether a checkpoint was saved by an FSDP run: its optimizer state is keyed by parameter names (one
-    device and DDP key it by position). Read memory-mapped: nothing but the keys is loaded."""
-    state = torch.load(checkpoint, mmap=True, map_location="cpu", weights_only=False)
-    return any(isinstance(key, str) for key in state.get("optimizer", {}).get("state", {}))
-
-
-def check_resumable(checkpoint: Path, strategy: str) -> None:
-    """Refuse to resume an FSDP checkpoint under DDP or one device, or the other way round: their optimizer
-    states are laid out differently, and Lightning would fail after the processes have started."""
-    fsdp = saved_by_fsdp(checkpoint)
-    if fsdp != (strategy == "fsdp"):
-        saved = "FSDP" if fsdp else "DDP or one device"
-        now = {"fsdp": "FSDP", "ddp": "DDP", "single": "one device"}[strategy]
-        fix = "strategy: fsdp and devices > 1" if fsdp else "strategy: ddp (or devices: 1)"
-        raise UserError(
-            f"{checkpoint} was saved under {saved} and cannot be resumed under {now}: set {fix} in the entry "
-            "to resume it, or start over with RESTART=1."
-        )
-
-
 def rank_from_env(devices_per_node: int) -> int:
     """This process's global rank, as its launcher (SLURM, torchrun, or Fabric's rank 0) set it; 0 by hand."""
     env = os.environ
@@ -386,8 +350,8 @@ def pretrain(args: list[str], strategy: Strategy = "auto", early_checkpoints: bo
     fit = preemption.saving_fit(LITGPT_FIT)
     lp.fit = partial(_fit_saving_early, fit) if early_checkpoints else fit
     CLI(lp.setup, args=args)
-    if rank == 0 and torch.cuda.is_available():  # beside LitGPT's "Memory Used" (read by `MICRO=auto`)
-        print(f"| - Device memory : {torch.cuda.get_device_properties(0).total_memory / 2**30:.2f} GiB")
+    if rank == 0:  # for `MICRO=auto` and the benchmarks (probe.py)
+        write_device_file(cfg.out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -404,6 +368,17 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:  # the probe (MICRO=auto) reads the exit code, never the message
+        if not out_of_memory(e):
+            raise
+        print(f"error: out of memory: {e}", file=sys.stderr)
+        sys.exit(OUT_OF_MEMORY_EXIT)
+
+
+def out_of_memory(e: RuntimeError) -> bool:
+    """The caching allocator raises OutOfMemoryError; a CUDA library finding no memory (cuBLAS's workspace,
+    a kernel launch) raises a RuntimeError naming the CUDA error instead."""
+    return isinstance(e, torch.OutOfMemoryError) or "CUDA error: out of memory" in str(e)
 
 
 if __name__ == "__main__":

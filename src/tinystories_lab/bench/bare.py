@@ -1,6 +1,7 @@
 """The bare reference loop: the same `litgpt.GPT`, batches, precision, compile setting and optimizer as
 `litgpt pretrain`, in the shortest fast PyTorch loop. Run in its own process by `bench` (as
-`python -m tinystories_lab.bench.bare '<json settings>'`) so its memory is measured alone.
+`python -m tinystories_lab.bench.bare '<json settings>' <result.json>`) so its memory is measured alone;
+it writes its measurements to the result file (its printed output is for people only).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -117,4 +119,4 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")  # as the `litgpt` CLI sets it
-    print(json.dumps(train(json.loads(sys.argv[1]))))
+    Path(sys.argv[2]).write_text(json.dumps(train(json.loads(sys.argv[1]))) + "\n")

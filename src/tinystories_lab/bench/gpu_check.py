@@ -31,17 +31,16 @@ from tinystories_lab.bench.precision import choose_precision
 from tinystories_lab.bench.training import (
     RESULTS_DIR,
     Setting,
-    bench_env,
     device_name,
     flops_per_token,
     peak_flops,
     resolve_config,
-    run_project,
 )
 from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.gpus import claim_gpus, visible_gpus
 from tinystories_lab.hardware import resolve_device
+from tinystories_lab.probe import bench_env, run_project
 from tinystories_lab.render import markdown_table
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets: first by the exact name torch reports,

@@ -10,12 +10,9 @@ optimizer steps after a warm-up that absorbs compilation. MFU uses FLOPs per tok
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,8 +27,8 @@ import torch
 from tinystories_lab.configs import count_parameters, model_config, parse_config
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments.queue import find, load_entries
-from tinystories_lab.experiments.runs import metrics_files
 from tinystories_lab.hardware import cpu_count, resolve_device
+from tinystories_lab.probe import bench_env, run_project
 from tinystories_lab.render import markdown_table
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
@@ -83,80 +80,18 @@ def flops_per_token(cfg) -> float:
     return 6 * n + 12 * config.n_layer * config.n_head * config.head_size * cfg.train.max_seq_length
 
 
-def run_project(
-    config: Path,
-    overrides: list[str],
-    warmup: int,
-    compile: bool,
-    device: str,
-    workdir: Path,
-    env: dict[str, str] | None = None,
-    devices: int = 1,
-    strategy: str = "auto",
-) -> dict:
-    """The project's training path (`python -m tinystories_lab.pretrain`, as the runner starts it) for
-    warmup + steps optimizer steps; speed from the median step time in its CSV metrics (robust to a
-    passing disturbance). With `devices` > 1, rank 0's peak memory under `strategy`."""
-    cfg = parse_config(config, *overrides)
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.max_seq_length
-    cmd = [sys.executable, "-m", "tinystories_lab.pretrain", f"--strategy={strategy}"]
-    cmd += [
-        "--config",
-        str(config),
-        *overrides,
-        f"--out_dir={workdir}",
-        f"--devices={devices}",
-        "--logger_name=csv",
-        "--train.save_interval=null",
-        "--train.log_interval=1",
-        "--eval.interval=1000000",
-        "--eval.initial_validation=false",
-        "--eval.final_validation=false",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=bench_env(compile, device, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
-    if status != 0:
-        raise RuntimeError(f"the project's training path failed:\n{output[-3000:]}")
-    with open(metrics_files(workdir)[0], newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("loss")]
-    # `time` is the wall time since training started, logged after every optimizer step.
-    times = [float(r["time"]) for r in rows]
-    step_seconds = statistics.median(b - a for a, b in zip(times[warmup - 1 :], times[warmup:]))
-    gpu = re.search(r"Memory Used\s*:\s*([\d.]+) GB", output)
-    total = re.search(r"Device memory\s*:\s*([\d.]+) GiB", output)
-    return {
-        "tokens_per_s": tokens_per_step / step_seconds,
-        "step_seconds": step_seconds,
-        "losses": [float(r["loss"]) for r in rows],
-        "peak_memory_gib": float(gpu.group(1)) * 1e9 / 2**30 if gpu else usage.ru_maxrss / 2**20,
-        "device_memory_gib": float(total.group(1)) if total else None,
-    }
-
-
 def run_bare(config: Path, overrides: list[str], steps: int, warmup: int, compile: bool, device: str) -> dict:
     """The bare loop in a process of its own (so its peak memory is its own)."""
     settings = dict(
         config=str(config), overrides=overrides, steps=steps, warmup=warmup, compile=compile, device=device
     )
-    cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(True, device))
-    if result.returncode != 0:
-        raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def bench_env(compile: bool, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child (from `base`, default ours): LitGPT always compiles unless
-    TORCH_COMPILE_DISABLE=1, and picks a GPU whenever it sees one, so a CPU benchmark hides them."""
-    env = {k: v for k, v in (base or os.environ).items() if k != "TORCH_COMPILE_DISABLE"}
-    if not compile:
-        env["TORCH_COMPILE_DISABLE"] = "1"
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = Path(tmp) / "bare.json"
+        cmd = [sys.executable, "-m", "tinystories_lab.bench.bare", json.dumps(settings), str(measured)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(True, device))
+        if result.returncode != 0:
+            raise RuntimeError(f"the bare loop failed:\n{result.stderr[-3000:]}")
+        return json.loads(measured.read_text())
 
 
 def median_run(runs: list[dict]) -> dict:

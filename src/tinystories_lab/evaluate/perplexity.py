@@ -166,19 +166,34 @@ def evaluate_runs(
     device: str = "cpu",
 ) -> list[dict]:
     """Evaluate pretraining runs (`make eval`), write eval.json next to each and print their table."""
-    results = [evaluate_run(c, text, separator, batch_size, device) for c in checkpoint_dirs]
+    header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "train time"]
+
+    def row(r: dict) -> list:
+        return [r["name"], f"{r['parameters'] / 1e6:.1f}M", r["eval_text"], f"{r['tokens_evaluated']:,}",
+                f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",
+                f"{r['train_tokens_per_s']:,.0f}" if r["train_tokens_per_s"] else "-",
+                f"{r['train_wall_time_s'] / 60:.1f} min" if r["train_wall_time_s"] else "-"]  # fmt: skip
+
+    def evaluate(checkpoint_dir: Path) -> dict:
+        return evaluate_run(checkpoint_dir, text, separator, batch_size, device)
+
+    return evaluate_each(checkpoint_dirs, evaluate, text, header, row)
+
+
+def evaluate_each(
+    checkpoint_dirs: list[Path],
+    evaluate: Callable[[Path], dict],
+    text: Path | None,
+    header: list[str],
+    row: Callable[[dict], list],
+) -> list[dict]:
+    """`evaluate` each checkpoint, write each result next to it (`write_result`), then print one table row
+    per result: what `make eval` does for pretraining runs and for fine-tunes alike."""
+    results = [evaluate(c) for c in checkpoint_dirs]
     for checkpoint_dir, result in zip(checkpoint_dirs, results):
         write_result(checkpoint_dir, text, result)
     if results:
-        header = ["name", "params", "text", "tokens", "loss", "ppl", "bits/byte", "train tok/s", "train time"]
-        rows = [
-            [r["name"], f"{r['parameters'] / 1e6:.1f}M", r["eval_text"], f"{r['tokens_evaluated']:,}",
-             f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",
-             f"{r['train_tokens_per_s']:,.0f}" if r["train_tokens_per_s"] else "-",
-             f"{r['train_wall_time_s'] / 60:.1f} min" if r["train_wall_time_s"] else "-"]
-            for r in results
-        ]  # fmt: skip
-        print(text_table(header, rows))
+        print(text_table(header, [row(r) for r in results]))
     return results
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -261,3 +262,34 @@ def last_val_loss(out_dir: Path) -> float | None:
     """The most recent validation loss in the metrics."""
     _, val = read_curves(out_dir)
     return val[-1].value if val else None
+
+
+def saved_by_fsdp(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved by an FSDP run: its optimizer state is keyed by parameter names (one
+    device and DDP key it by position). Read memory-mapped: nothing but the keys is loaded."""
+    state = torch.load(checkpoint, mmap=True, map_location="cpu", weights_only=False)
+    return any(isinstance(key, str) for key in state.get("optimizer", {}).get("state", {}))
+
+
+def check_resumable(checkpoint: Path, strategy: str) -> None:
+    """Refuse to resume an FSDP checkpoint under DDP or one device, or the other way round: their optimizer
+    states are laid out differently, and Lightning would fail after the processes have started."""
+    fsdp = saved_by_fsdp(checkpoint)
+    if fsdp != (strategy == "fsdp"):
+        saved = "FSDP" if fsdp else "DDP or one device"
+        now = {"fsdp": "FSDP", "ddp": "DDP", "single": "one device"}[strategy]
+        fix = "strategy: fsdp and devices > 1" if fsdp else "strategy: ddp (or devices: 1)"
+        raise UserError(
+            f"{checkpoint} was saved under {saved} and cannot be resumed under {now}: set {fix} in the entry "
+            "to resume it, or start over with RESTART=1."
+        )
+
+
+def delete_checkpoints(out_dir: Path) -> None:
+    """What `--restart` asks for: the run's checkpoints go, so training starts from zero (logs stay)."""
+    folders = [c.folder for c in step_checkpoints(out_dir)] + [out_dir / "final"]
+    folders = [f for f in folders if f.is_dir()]
+    for folder in folders:
+        shutil.rmtree(folder)
+    if folders:
+        print(f"Restarting from zero: deleted {', '.join(f.name for f in folders)} in {out_dir}.")

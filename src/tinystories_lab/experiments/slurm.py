@@ -2,22 +2,30 @@
 
 The job runs one task per device with srun (Fabric takes the ranks from SLURM), resumes from the newest
 checkpoint that loads, asks for a signal before its time limit and requeues itself on it, and records its
-own start and outcome in the queue (`tinystories-lab slurm-record`).
+own start and outcome in the queue (`tinystories-lab slurm-record`). Here too: submitting an entry's job
+(`submit_entry`), waiting for it (`wait_for_job`, `--wait true`) and checking a requeued job's progress
+(`record_start`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.runs import out_dir_of
+from tinystories_lab.experiments.launch import launch_command, now
+from tinystories_lab.experiments.outcomes import Outcome, finish, record
+from tinystories_lab.experiments.queue import Queue, find
+from tinystories_lab.experiments.runs import newest_loadable, out_dir_of
 from tinystories_lab.preemption import PREEMPTED_EXIT
 
 REQUEUE_SIGNAL_S = 120  # ask for SIGUSR1 this long before the time limit, to save and requeue in time
@@ -33,6 +41,11 @@ class JobState(NamedTuple):
     def __str__(self) -> str:
         where = self.where.strip("()")  # squeue writes a pending job's reason as "(BeginTime)"
         return f"{self.state} on {where}" if self.state == "RUNNING" else f"{self.state} ({where})"
+
+
+def is_slurm(entry: dict) -> bool:
+    """Whether an entry trains as a SLURM job (`environment: slurm`) rather than as local processes."""
+    return entry.get("environment", "local") == "slurm"
 
 
 def _slurm(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -175,3 +188,68 @@ def job_state(job: str | int | None) -> JobState | None:
 
 def cancel_job(job: str | int) -> None:
     _slurm("scancel", str(job))
+
+
+def submit_entry(queue: Queue, entry: dict) -> Outcome:
+    """Write an entry's batch script into its run folder, submit it and record the job in the queue."""
+    name, out_dir = entry["name"], out_dir_of(entry)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    command = launch_command(entry, entry.get("run_logger"), list(entry.get("run_args", [])))
+    script = out_dir / "job.sbatch"
+    script.write_text(batch_script(entry, queue.path, command))
+    job = submit(script)
+    record(queue, name, slurm_job=job, log=str(out_dir / "logs" / f"slurm-{job}.out"))
+    print(f"{name}: submitted SLURM job {job} ({script}); `make list` shows its state.")
+    return Outcome(name, "submitted", 0)
+
+
+def wait_for_job(queue: Queue, name: str, poll_s: float = 2.0) -> Outcome:
+    """Block until a submitted experiment's job has ended and say how (for scripts: `--wait true`). Ctrl-C
+    stops the waiting only: the job goes on."""
+    shown = None
+    job = None
+    try:
+        while True:
+            entry = find(queue.load(), name)
+            job = entry.get("slurm_job")
+            state = job_state(job)
+            if entry["status"] != "running" or state is None:
+                break
+            if str(state) != shown:
+                shown = str(state)
+                print(f"{name}: SLURM job {job} {shown}", flush=True)
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(
+            f"\n{name}: stopped waiting; SLURM job {job} goes on (`make list` shows it, "
+            f"`make cancel MODEL={name}` cancels it).",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    if entry["status"] == "running":  # the job left SLURM's list without recording how it ended
+        entry = find(queue.load(), name)
+    status = entry["status"]
+    print(f"{name}: {status}" + (f" (exit {entry.get('exit_code')})" if status == "failed" else ""))
+    if status == "done":
+        return Outcome(name, "done", 0)
+    return Outcome(name, "failed" if status != "todo" else "stopped", int(entry.get("exit_code") or 1))
+
+
+def record_start(queue: Queue, entry: dict) -> None:
+    """A SLURM job's start: its node and the step it resumes from (`start_step`). A requeued job that finds
+    no checkpoint newer than its previous start's made no progress and would loop forever: it is recorded
+    `failed` with the reason, and this exits 1 so the batch script stops instead of training again."""
+    name = entry["name"]
+    newest, _ = newest_loadable(out_dir_of(entry))
+    step = newest.step_count() if newest is not None else 0
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    if restarts and "start_step" in entry and step <= int(entry["start_step"]):
+        reason = (
+            f"SLURM job {entry.get('slurm_job')} came back (restart {restarts}) with no checkpoint newer "
+            f"than step {step}, where its previous start began: it would requeue forever without progress. "
+            f"Give it a longer slurm.time or a smaller --train.save_interval, then `make reset MODEL={name}`."
+        )
+        finish(queue, name, status="failed", last_step=step, error=reason)
+        print(f"{name}: failed: {reason}", file=sys.stderr)
+        sys.exit(1)
+    record(queue, name, host=socket.gethostname(), started_at=now(), start_step=step)

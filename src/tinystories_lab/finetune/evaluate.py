@@ -13,9 +13,8 @@ from tqdm import tqdm
 
 from tinystories_lab.data.sources import Separator
 from tinystories_lab.errors import UserError
-from tinystories_lab.evaluate.perplexity import text_loss, text_tokens, validation_split, write_result
+from tinystories_lab.evaluate.perplexity import evaluate_each, text_loss, text_tokens, validation_split
 from tinystories_lab.models import TrainedModel, load_trained, results_dir
-from tinystories_lab.render import text_table
 
 
 def instruction_data(checkpoint_dir: Path) -> JSON:
@@ -108,21 +107,15 @@ def evaluate_finetunes(
     device: str = "cpu",
 ) -> list[dict]:
     """Evaluate fine-tunes (`make eval`), write eval.json next to each and print their table."""
-    results = [evaluate_finetune(c, text, separator, batch_size, device) for c in checkpoint_dirs]
-    for checkpoint_dir, result in zip(checkpoint_dirs, results):
-        write_result(checkpoint_dir, text, result)
-    if results:
-        header = [
-            "fine-tune",
-            "method",
-            "held-out instruction loss before -> after",
-            "story loss before -> after",
-        ]
-        rows = [
-            [r["name"], r["method"],
-             f"{r['instruction_loss_before']:.4f} -> {r['instruction_loss_after']:.4f}",
-             f"{r['story_loss_before']:.4f} -> {r['story_loss_after']:.4f}"]
-            for r in results
-        ]  # fmt: skip
-        print(text_table(header, rows))
-    return results
+    header = ["fine-tune", "method", "held-out instruction loss before -> after",
+              "story loss before -> after"]  # fmt: skip
+
+    def row(r: dict) -> list:
+        return [r["name"], r["method"],
+                f"{r['instruction_loss_before']:.4f} -> {r['instruction_loss_after']:.4f}",
+                f"{r['story_loss_before']:.4f} -> {r['story_loss_after']:.4f}"]  # fmt: skip
+
+    def evaluate(checkpoint_dir: Path) -> dict:
+        return evaluate_finetune(checkpoint_dir, text, separator, batch_size, device)
+
+    return evaluate_each(checkpoint_dirs, evaluate, text, header, row)

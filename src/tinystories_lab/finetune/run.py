@@ -12,11 +12,8 @@ import json
 import math
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +21,7 @@ import yaml
 from litgpt import Config
 
 from tinystories_lab.errors import UserError
-from tinystories_lab.experiments.lifeline import die_with_parent
+from tinystories_lab.experiments.launch import log_path_in, supervise
 from tinystories_lab.experiments.locks import RunLock
 from tinystories_lab.experiments.runs import is_run_folder, resume_point
 from tinystories_lab.finetune.data import SPLIT_FILES, data_instruct
@@ -255,24 +252,8 @@ def count_examples(data: Path) -> int:
 
 
 def run_logged(cmd: list[str], out_dir: Path, lock: RunLock) -> int:
-    """Run LitGPT, streaming its output to the terminal and to out_dir/logs/<timestamp>.log; it holds the
-    lock too and dies with us (Linux), so no orphan trains on."""
-    log_path = out_dir / "logs" / f"{datetime.now():%Y%m%d_%H%M%S}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", buffering=1) as log:  # line by line: the log survives a kill -9
-        started = datetime.now().isoformat(timespec="seconds")
-        header = f"$ {shlex.join(cmd)}\n# host {socket.gethostname()}, {started}\n"
-        print(header, end="", flush=True)
-        log.write(header)
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            pass_fds=(lock.fd,), preexec_fn=die_with_parent,
-        )  # fmt: skip
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-            return proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached LitGPT too; wait for it to stop
-            proc.wait()
-            return 130
+    """Run LitGPT as the runner runs training (`experiments/launch.py`): its output streamed to the terminal
+    and to out_dir/logs/<timestamp>.log line by line, in a process group of its own that holds the lock too,
+    dies with us and gets our SIGINT or SIGTERM; the exit code, 128 + the signal when stopped by one."""
+    ended = supervise(cmd, log_path_in(out_dir), pass_fds=(lock.fd,))
+    return 128 + ended.stopped_by if ended.stopped_by else ended.code
