@@ -81,11 +81,15 @@ install: ## Create .venv and install the project (TORCH=torch==2.13.0 pins torch
 	$(BIN)/pip install --quiet -e '.[dev]'
 
 # llama-cpp-python builds llama.cpp from source: without the multimodal mtmd library (the package loads it
-# only for image chat), on every core. Measured in docs/export.md.
-GGUF_BUILD_ENV = CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
+# only for image chat), on every core. Measured in docs/export.md. llama.cpp's AMX kernels (Intel Xeon since
+# Sapphire Rapids) crashed on the demo models' q8_0 matrices here (segfault in ggml_backend_amx_mul_mat,
+# llama-cpp-python 0.3.36), and models this small gain nothing from them: off on x86-64.
+AMX_OFF = -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+NO_AMX = $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS='$(AMX_OFF)' -DCMAKE_CXX_FLAGS='$(AMX_OFF)')
+GGUF_BUILD_ENV = CMAKE_ARGS="-DLLAVA_BUILD=OFF $(NO_AMX) $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
 
 install-gguf: ## Add the GGUF extra to .venv: llama-cpp-python (built from source, minutes), gguf, its server
-	$(GGUF_BUILD_ENV) $(BIN)/pip install --quiet -e '.[dev,gguf]'
+	$(GGUF_BUILD_ENV) $(BIN)/pip install --quiet --no-cache-dir -e '.[dev,gguf]'  # not a wheel built with other flags
 
 test: ## Run the test suite (includes real `litgpt pretrain` runs on the sample; minutes)
 	$(BIN)/pytest
