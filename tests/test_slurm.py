@@ -203,7 +203,7 @@ def test_a_job_that_comes_back_without_a_new_checkpoint_is_failed_with_the_reaso
         subprocess.run(["scontrol", "requeue", str(job)], check=True)  # before its first step
         wait_for(lambda: str(job_state(job)).startswith("PENDING"), timeout=120)
         subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
-        wait_for(lambda: status(queue, "stuck")["status"] != "running", timeout=300)
+        wait_for(lambda: status(queue, "stuck")["status"] != "running", timeout=600)
         e = status(queue, "stuck")
         assert e["status"] == "failed", e
         assert f"SLURM job {job} came back (restart 1) with no checkpoint newer than step 0" in e["error"]
