@@ -50,6 +50,14 @@ def slurm_entry(name, tmp_path, data, steps=12, devices=2, num_nodes=1, **slurm)
     return {**e, "devices": devices, "num_nodes": num_nodes, "environment": "slurm", "slurm": slurm}
 
 
+def start_requeued_job_soon(job):
+    """Cut SLURM's 2-minute hold of a requeued job to 5 s, not to 0: slurmd revokes the previous run's
+    credential as of the requeue's second, and a start within that second is killed ("Killing
+    non-startable batch job: Job credential revoked") before the batch script runs."""
+    wait_for(lambda: str(job_state(job)).startswith("PENDING"), timeout=120)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now+5"], check=True)
+
+
 def cli(verb, *args):
     return [sys.executable, "-m", "tinystories_lab.cli", verb, *args]
 
@@ -128,6 +136,29 @@ def test_several_nodes_without_slurm_are_refused_not_left_to_hang(tmp_path, samp
     assert plain.returncode == 1 and "--num_nodes=2 needs a cluster launcher" in plain.stderr
 
 
+def test_a_controller_that_does_not_answer_is_not_taken_for_a_job_that_ended(tmp_path, sample_data):
+    """squeue failing ("Socket timed out", a busy or restarting slurmctld) must not make a running job's
+    entry look abandoned: run-specific would submit it again (reset and cancel ask the same question)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("squeue", "sbatch"):
+        (bin_dir / name).write_text(
+            "#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2\nexit 1\n"
+        )
+        (bin_dir / name).chmod(0o755)
+    e = {**slurm_entry("a", tmp_path, sample_data), "status": "running", "slurm_job": "999"}
+    queue = write_queue(tmp_path / "q.yaml", [e])
+    before = queue.read_bytes()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(cli("run-specific", "a", "--queues", f"[{queue}]"), capture_output=True, text=True,
+                            env=env)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "SLURM does not answer about job 999 (squeue: slurm_load_jobs error: Socket timed out" in result.stderr
+    assert queue.read_bytes() == before
+    listed = subprocess.run(cli("list", "--queues", f"[{queue}]"), capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "job 999 state unknown (squeue does not answer)" in listed.stdout
+
+
 @needs_cluster
 def test_an_unknown_partition_or_gpus_that_do_not_match_devices_are_refused(tmp_path, sample_data):
     for slurm, message in (
@@ -165,8 +196,7 @@ def test_a_two_task_job_trains_to_done_and_a_preempted_one_saves_and_resumes_to_
     wait_for(lambda: (runs / "requeued" / "step-00000004" / "lit_model.pth").is_file(), timeout=600)
     wait_for(lambda: max(losses_by_iter(runs / "requeued"), default=0) >= 6)
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
-    wait_for(lambda: str(job_state(job)).startswith("PENDING"), timeout=120)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)  # skip the 2 min hold
+    start_requeued_job_soon(job)
 
     waited = runner("run-specific", queue, "requeued", "--wait", "true")  # running: refused, not resubmitted
     assert waited.returncode == 1 and f"is running already (SLURM job {job})" in waited.stderr
@@ -201,8 +231,7 @@ def test_a_job_that_comes_back_without_a_new_checkpoint_is_failed_with_the_reaso
     try:
         wait_for(lambda: "start_step" in status(queue, "stuck"), timeout=300)
         subprocess.run(["scontrol", "requeue", str(job)], check=True)  # before its first step
-        wait_for(lambda: str(job_state(job)).startswith("PENDING"), timeout=120)
-        subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+        start_requeued_job_soon(job)
         wait_for(lambda: status(queue, "stuck")["status"] != "running", timeout=600)
         e = status(queue, "stuck")
         assert e["status"] == "failed", e

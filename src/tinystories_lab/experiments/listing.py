@@ -53,8 +53,11 @@ def status_text(entry: dict) -> str:
     """The entry's status, with its SLURM job's state while it is queued or running."""
     status = entry["status"] + (" (optional)" if entry.get("optional") else "")
     if entry["status"] == "running" and entry.get("slurm_job"):
-        state = slurm.job_state(entry["slurm_job"])
-        status += f", job {entry['slurm_job']} " + (str(state) if state else "gone")
+        try:
+            state = str(slurm.job_state(entry["slurm_job"], retry_s=0) or "gone")
+        except UserError:
+            state = "state unknown (squeue does not answer)"
+        status += f", job {entry['slurm_job']} {state}"
     return status
 
 

@@ -30,6 +30,8 @@ from tinystories_lab.preemption import PREEMPTED_EXIT
 
 REQUEUE_SIGNAL_S = 120  # ask for SIGUSR1 this long before the time limit, to save and requeue in time
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+SLURM_TIMEOUT_S = 60  # a SLURM command that has not answered by then is taken as not answering
+SQUEUE_TRIES = 3
 
 
 class JobState(NamedTuple):
@@ -54,7 +56,10 @@ def _slurm(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
             f"environment: slurm needs SLURM's `{cmd[0]}` on PATH: run on the cluster's login node, or start "
             "a cluster on this machine with `make slurm-local`."
         )
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        result = subprocess.CompletedProcess(cmd, 124, "", f"no answer in {SLURM_TIMEOUT_S} s")
     if check and result.returncode != 0:
         raise UserError(f"`{shlex.join(cmd)}` failed: {(result.stderr or result.stdout).strip()}")
     return result
@@ -174,11 +179,26 @@ def submit(script: Path) -> str:
     return _slurm("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
 
 
-def job_state(job: str | int | None) -> JobState | None:
-    """The job's state while SLURM still lists it (pending, running, requeued...), else None."""
+def job_state(job: str | int | None, retry_s: float = 2.0) -> JobState | None:
+    """The job's state while SLURM still lists it (pending, running, requeued...), else None.
+
+    A controller that does not answer (busy, restarting: "Socket timed out") is not a job that ended:
+    squeue is asked again, then this raises. Taking it for ended would let the runner submit a running
+    experiment a second time, two jobs writing one run folder."""
     if job is None:
         return None
-    result = _slurm("squeue", "-h", "-j", str(job), "-o", "%T|%R", check=False)
+    for attempt in range(SQUEUE_TRIES):
+        result = _slurm("squeue", "-h", "-j", str(job), "-o", "%T|%R", check=False)
+        if result.returncode == 0 or "Invalid job id" in result.stderr:  # the latter: ended and purged
+            break
+        if attempt + 1 < SQUEUE_TRIES:
+            time.sleep(retry_s * (attempt + 1))
+    else:
+        reason = " ".join((result.stderr or result.stdout).split())
+        raise UserError(
+            f"SLURM does not answer about job {job} (squeue: {reason}); nothing was changed. "
+            "Try again when `squeue` answers."
+        )
     line = result.stdout.strip()
     if result.returncode != 0 or not line:
         return None
