@@ -569,16 +569,21 @@ def test_list_shows_every_entry_and_marks_a_bad_one_in_one_line(tmp_path, sample
     assert any(line.startswith("good ") and "4L_4H_128D" in line for line in out.splitlines())
 
 
-def test_the_finetune_log_is_written_line_by_line(tmp_path):
+def run_logged_in_a_process(out: Path, child: str, *child_args: str) -> subprocess.Popen:
+    """`finetune.run.run_logged` supervising `python -c child` from its own process, as `make finetune`."""
     script = (
         "import sys; from pathlib import Path\n"
         "from tinystories_lab.experiments.locks import RunLock\n"
         "from tinystories_lab.finetune.run import run_logged\n"
         "out = Path(sys.argv[1]); lock = RunLock(out); lock.acquire()\n"
-        "child = 'import time; print(\"step 1\", flush=True); time.sleep(300)'\n"
-        "run_logged([sys.executable, '-c', child], out, lock)"
+        "sys.exit(run_logged([sys.executable, '-c', *sys.argv[2:]], out, lock))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.DEVNULL)
+    cmd = [sys.executable, "-c", script, str(out), child, *child_args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+
+
+def test_the_finetune_log_is_written_line_by_line(tmp_path):
+    proc = run_logged_in_a_process(tmp_path, 'import time; print("step 1", flush=True); time.sleep(300)')
     try:
         wait_for(lambda: any("step 1" in p.read_text() for p in (tmp_path / "logs").glob("*.log")), 60)
     finally:
@@ -588,15 +593,8 @@ def test_the_finetune_log_is_written_line_by_line(tmp_path):
 
 def test_a_finetune_stopped_by_sigterm_stops_litgpt_with_it(tmp_path):
     """Fine-tuning supervises LitGPT as the runner does: our SIGTERM reaches its process group."""
-    script = (
-        "import sys; from pathlib import Path\n"
-        "from tinystories_lab.experiments.locks import RunLock\n"
-        "from tinystories_lab.finetune.run import run_logged\n"
-        "out = Path(sys.argv[1]); lock = RunLock(out); lock.acquire()\n"
-        "child = 'import os, time; open(os.sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(300)'\n"
-        "sys.exit(run_logged([sys.executable, '-c', child, str(out / 'pid')], out, lock))"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.DEVNULL)
+    child = 'import os, sys, time; open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(300)'
+    proc = run_logged_in_a_process(tmp_path, child, str(tmp_path / "pid"))
     try:
         wait_for(lambda: (tmp_path / "pid").is_file() and (tmp_path / "pid").read_text(), 60)
         proc.send_signal(signal.SIGTERM)
