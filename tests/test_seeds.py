@@ -11,7 +11,8 @@ from conftest import entry, runner, status, write_queue
 from tinystories_lab.cli import main
 from tinystories_lab.configs import parse_config
 from tinystories_lab.errors import UserError
-from tinystories_lab.evaluate.report import report
+from tinystories_lab.evaluate.judge import CRITERIA
+from tinystories_lab.evaluate.report import load_runs, quality_seeds_section, report
 from tinystories_lab.evaluate.seeds import summarize, t_quantile, welch
 from tinystories_lab.experiments.queue import Queue, set_seeds
 
@@ -171,3 +172,49 @@ def test_report_gives_intervals_and_welch_across_seeds(tmp_path):
     write_queue(queue, entries)
     text = report(queues=[queue], out_dir=tmp_path / "report", reference_dir=tmp_path / "none").read_text()
     assert "| one seed: not tested |" in text and "Across seeds" not in text
+
+
+def test_report_gives_story_quality_intervals_across_seeds(tmp_path):
+    config = "config_hub/pretrain/tiny_stories/demo/gpt_demo.yaml"
+    seeds, grades = [42, 43, 44], [6.0, 7.0, 9.0]
+    runs = {s: {"status": "done"} for s in seeds[1:]}
+    entries = [{"name": "gpt_demo", "config": config, "status": "done", "seeds": seeds,
+                "out_dir": str(tmp_path / "gpt_demo"), "seed_runs": runs}]  # fmt: skip
+    for seed, rep_2, grade in zip(seeds, [1.0, 2.0, 3.0], grades):
+        folder = tmp_path / ("gpt_demo" if seed == 42 else f"gpt_demo-seed{seed}")
+        fake_run(folder, 3.8, 1.36)
+        measures = {
+            "completions": 50,
+            "eos_share": 0.5,
+            "mean_tokens": 80.0,
+            "rep_2": rep_2,
+            "distinct_2": None,
+        }
+        summary = {"n": 50, "mean": grade, "low": grade - 0.5, "high": grade + 0.5}
+        judge = {"model": "qwen-judge", "unparseable": 0, "criteria": dict.fromkeys(CRITERIA, summary)}
+        quality = {"beginnings_version": 1, "measures": measures, "judge": judge}
+        (folder / "quality.json").write_text(json.dumps(quality))
+    queue = write_queue(tmp_path / "q.yaml", entries)
+    text = report(queues=[queue], out_dir=tmp_path / "report", reference_dir=tmp_path / "none").read_text()
+
+    def table(lines):
+        rows = lines.split("### Story quality across seeds")[1].split("\n\n")[1].splitlines()[2:]
+        return {row.split(" | ")[2]: row.split(" | ")[3:] for row in rows}
+
+    # By hand: 1, 2, 3 -> mean 2, sd 1, 2 +- t(0.975, 2) / sqrt(3) = 2 +- 4.302653 / 1.732051 = 2 +- 2.484138.
+    rows = table(text)
+    assert rows["rep-2"] == ["2.0000 +- 1.0000", "[-0.4841, 4.4841] |"]
+    assert rows["ended (EOS)"] == ["0.5000 +- 0.0000", "[0.5000, 0.5000] |"]
+    # 6, 7, 9 -> mean 22/3, sd sqrt(7/3) = 1.527525, half width 4.302653 x 1.527525 / 1.732051 = 3.794583.
+    assert rows["grammar (`qwen-judge`)"] == ["7.3333 +- 1.5275", "[3.5388, 11.1279] |"]
+    assert "distinct-2" not in rows  # missing for a seed: left out
+    # Another judge for one seed: its grades are not averaged with the others'.
+    runs = load_runs([queue])
+    runs[2].quality["judge"]["model"] = "other-judge"
+    rows = table("\n".join(quality_seeds_section(runs)))
+    assert "rep-2" in rows and not any("judge" in k for k in rows)
+    # Other beginnings for one seed: nothing averaged, and why.
+    runs[2].quality["beginnings_version"] = 2
+    rows = table("\n".join(quality_seeds_section(runs)))
+    assert list(rows) == ["beginnings versions differ (v1, v2): rerun `make quality`"]
+    assert quality_seeds_section(runs[:1]) == []  # one seed: nothing across seeds

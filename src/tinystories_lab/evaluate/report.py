@@ -51,10 +51,13 @@ MEASURED_NOTE = (
     "parameter counts include every stored embedding row. They may have seen these stories, or "
     "others from other TinyStories versions, in training: see docs/reference-models.md."
 )
+INTERVAL_NOTE = (
+    "sd: sample standard deviation (n - 1); 95% interval of the mean: mean +- t(0.975, n - 1) x sd / "
+    "sqrt(n), Student's t with n seeds."
+)
 SEEDS_NOTE = (
     "One row per experiment with several evaluated seeds (each seed sets the initialisation and the order "
-    "of the training windows). sd: sample standard deviation (n - 1); 95% interval of the mean: mean +- "
-    "t(0.975, n - 1) x sd / sqrt(n), Student's t with n seeds."
+    "of the training windows). " + INTERVAL_NOTE
 )
 WELCH_NOTE = (
     "Where both variants have several seeds, the last column tests whether their mean validation losses "
@@ -569,6 +572,62 @@ def quality_section(runs: list[Run]) -> list[str]:
     ]
 
 
+QUALITY_FIGURES = {"eos_share": "ended (EOS)", "mean_tokens": "mean tokens", "rep_2": "rep-2",
+                   "distinct_2": "distinct-2", "rouge_precision": "Rouge-k precision",
+                   "longest_overlap_max": "longest overlap (max words)"}  # fmt: skip
+
+
+def quality_figures(q: dict) -> dict[str, float | None]:
+    """One quality.json's figures as the per-run table shows them: the measures, then the judge's mean
+    grades named by criterion (None: not measured)."""
+    m = q["measures"]
+    figures = {k: m.get(k) for k in ("eos_share", "mean_tokens", "rep_2", "distinct_2")}
+    figures["rouge_precision"] = next((v for k, v in m.items() if k.startswith("rouge_")), None)
+    figures["longest_overlap_max"] = (m.get("longest_overlap_words") or {}).get("max")
+    for c in CRITERIA:
+        figures[c] = q["judge"]["criteria"][c]["mean"] if q.get("judge") else None
+    return figures
+
+
+def quality_seeds_section(rated: list[Run]) -> list[str]:
+    """Mean, sd and 95% interval over the seeds of each experiment with several rated seeds, of each story
+    quality figure; the judge's grades only where one judge model graded every seed."""
+    rows = []
+    for name, group in by_experiment(rated).items():
+        if len(group) < 2:
+            continue
+        seeds = f"{len(group)} ({', '.join(str(r.seed) for r in group)})"
+        versions = sorted({r.quality["beginnings_version"] for r in group})
+        if len(versions) > 1:
+            why = f"beginnings versions differ ({', '.join(f'v{v}' for v in versions)}): rerun `make quality`"
+            rows.append([f"`{name}`", seeds, why, "", ""])
+            continue
+        judges = {(r.quality.get("judge") or {}).get("model") for r in group}
+        labels = dict(QUALITY_FIGURES)
+        if len(judges) == 1 and None not in judges:
+            labels |= {c: f"{c} (`{next(iter(judges))}`)" for c in CRITERIA}
+        figures = [quality_figures(r.quality) for r in group]
+        for key, label in labels.items():
+            values = [f[key] for f in figures]
+            if None in values:
+                continue
+            s = summarize(values)
+            rows.append([f"`{name}`", seeds, label, _mean_sd(s), _interval(s)])
+    if not rows:
+        return []
+    header = ["experiment", "seeds", "figure", "mean +- sd", "95% interval"]
+    return [
+        "### Story quality across seeds",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Each figure of the table above, over the seeds of an experiment (the judge's: each seed's mean "
+        "grade, only where one judge model graded every seed; a figure missing for a seed is left out). "
+        + INTERVAL_NOTE,
+        "",
+    ]
+
+
 def speculative_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
     """Finished runs that can draft for one another: a smaller one into a larger one of the same architecture,
     or a GPT into a larger LLaMA."""
@@ -692,7 +751,7 @@ def report(
             lines += ["### Samples, side by side", "", SAMPLES_NOTE, ""] + samples
     rated = [r for r in runs if r.finished and r.quality]
     if rated:
-        lines += ["## Story quality", ""] + quality_section(rated)
+        lines += ["## Story quality", ""] + quality_section(rated) + quality_seeds_section(rated)
     if evaluated:
         lines += [
             "## Size and speed",
