@@ -546,18 +546,16 @@ def quality_section(runs: list[Run]) -> list[str]:
     for r in runs:
         smallest[r.size] = min(smallest.get(r.size, r.parameters), r.parameters)
     for r in sorted(runs, key=lambda r: (smallest[r.size], r.size, r.arch)):
-        q, m = r.quality, r.quality["measures"]
-        rouge = next((v for k, v in m.items() if k.startswith("rouge_")), None)
-        overlap = m.get("longest_overlap_words") or {}
+        q, f = r.quality, quality_figures(r.quality)
         j = q.get("judge")
         judged = (
             [f"`{j['model']}`"] + [interval(j["criteria"][c]) for c in CRITERIA] + [str(j["unparseable"])]
         )
         rows.append([
             f"`{r.name}`", r.arch, r.size, fmt(r.eval["bits_per_byte"]) if r.eval else "-",
-            f"{m['completions']} (v{q['beginnings_version']})", fmt(m["eos_share"], ".0%"),
-            fmt(m["mean_tokens"], ".1f"), fmt(m["rep_2"]), fmt(m["distinct_2"]), fmt(rouge),
-            fmt(overlap.get("max"), "d"),
+            f"{q['measures']['completions']} (v{q['beginnings_version']})", fmt(f["eos_share"], ".0%"),
+            fmt(f["mean_tokens"], ".1f"), fmt(f["rep_2"]), fmt(f["distinct_2"]), fmt(f["rouge_precision"]),
+            fmt(f["longest_overlap_max"], "d"),
         ] + (judged if j else ["-"] * 6))  # fmt: skip
     return [
         markdown_table(header, rows),
