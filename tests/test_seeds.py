@@ -218,3 +218,11 @@ def test_report_gives_story_quality_intervals_across_seeds(tmp_path):
     rows = table("\n".join(quality_seeds_section(runs)))
     assert list(rows) == ["beginnings versions differ (v1, v2): rerun `make quality`"]
     assert quality_seeds_section(runs[:1]) == []  # one seed: nothing across seeds
+    # `make quality` without a judge (as after the demo): the measures per run and across seeds, no grades.
+    for folder in tmp_path.glob("gpt_demo*"):
+        quality = json.loads((folder / "quality.json").read_text())
+        (folder / "quality.json").write_text(json.dumps({**quality, "judge": None}))
+    text = report(queues=[queue], out_dir=tmp_path / "report", reference_dir=tmp_path / "none").read_text()
+    rows = table(text)
+    assert rows["rep-2"] == ["2.0000 +- 1.0000", "[-0.4841, 4.4841] |"] and "grammar" not in str(rows)
+    assert text.count("| - | - | - | - | - | - |") == 3  # each run's row: no judge, no grades

@@ -548,15 +548,17 @@ def quality_section(runs: list[Run]) -> list[str]:
     for r in sorted(runs, key=lambda r: (smallest[r.size], r.size, r.arch)):
         q, f = r.quality, quality_figures(r.quality)
         j = q.get("judge")
-        judged = (
-            [f"`{j['model']}`"] + [interval(j["criteria"][c]) for c in CRITERIA] + [str(j["unparseable"])]
+        judged = (  # `make quality` without a judge: the measures only
+            [f"`{j['model']}`", *(interval(j["criteria"][c]) for c in CRITERIA), str(j["unparseable"])]
+            if j
+            else ["-"] * 6
         )
         rows.append([
             f"`{r.name}`", r.arch, r.size, fmt(r.eval["bits_per_byte"]) if r.eval else "-",
             f"{q['measures']['completions']} (v{q['beginnings_version']})", fmt(f["eos_share"], ".0%"),
             fmt(f["mean_tokens"], ".1f"), fmt(f["rep_2"]), fmt(f["distinct_2"]), fmt(f["rouge_precision"]),
             fmt(f["longest_overlap_max"], "d"),
-        ] + (judged if j else ["-"] * 6))  # fmt: skip
+        ] + judged)  # fmt: skip
     return [
         markdown_table(header, rows),
         "",
