@@ -113,13 +113,17 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, sample_data, capsys):
 
 
 @pytest.mark.slow
-def test_a_finished_run_without_step_folders_is_extended_from_final_not_restarted(tmp_path, sample_data):
+def test_a_finished_run_without_step_folders_is_extended_from_final_not_restarted(
+    tmp_path, sample_data, capsys
+):
+    """Training through the runner's CLI; resets, listings and the refusal in this process (no start-up)."""
     queue = write_queue(tmp_path / "q.yaml", [entry("a", tmp_path, sample_data, steps=8)])
+    queues = f"[{queue}]"
     assert runner("run-next", queue).returncode == 0
     out = tmp_path / "runs" / "a"
     for step in out.glob("step-*"):
         shutil.rmtree(step)  # as the README suggests, to save disk
-    assert runner("reset", queue, "a").returncode == 0
+    assert run_cli(["reset", "a", "--queues", queues], capsys)[0] == 0
     longer = f"--args=--train.max_tokens={12 * TOKENS_PER_STEP}"
     result = runner("run-next", queue, longer)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -131,24 +135,24 @@ def test_a_finished_run_without_step_folders_is_extended_from_final_not_restarte
     assert logged[0] == 9 and logged[-1] == 12  # continued, not restarted at iter 1
 
     # A resume with nothing left to train logs only a final validation: `make list` still shows it.
-    assert runner("reset", queue, "a").returncode == 0
+    assert run_cli(["reset", "a", "--queues", queues], capsys)[0] == 0
     assert runner("run-next", queue).returncode == 0
-    row = listing_row(queue, "a")
+    row = listing_row(queues, "a", capsys)
     assert "49.15k / 49.15k (100%)" in row and not row.rstrip().endswith("-")
 
     # A truncated newest checkpoint: progress comes from the newest one that loads.
     final = out / "final" / "lit_model.pth"
     final.write_bytes(final.read_bytes()[:1000])
-    assert "49.15k / 49.15k (100%)" in listing_row(queue, "a")  # from step-00000012
+    assert "49.15k / 49.15k (100%)" in listing_row(queues, "a", capsys)  # from step-00000012
     for step in out.glob("step-*"):
         shutil.rmtree(step)
-    assert "0 / 49.15k (0%)" in listing_row(queue, "a")
+    assert "0 / 49.15k (0%)" in listing_row(queues, "a", capsys)
 
     # Nothing loads but final/ exists: a restart from zero would overwrite it, so it must be asked for.
-    assert runner("reset", queue, "a").returncode == 0
+    assert run_cli(["reset", "a", "--queues", queues], capsys)[0] == 0
     before = md5(final)
-    refused = runner("run-next", queue)
-    assert refused.returncode == 1 and "would overwrite its final/" in refused.stderr
+    code, _, err = run_cli(["run-next", "--queues", queues], capsys)
+    assert code == 1 and "would overwrite its final/" in err
     assert md5(final) == before and status(queue, "a")["status"] == "todo"
     restarted = runner("run-next", queue, "--restart", "true")
     assert restarted.returncode == 0, restarted.stdout[-3000:]
@@ -156,11 +160,9 @@ def test_a_finished_run_without_step_folders_is_extended_from_final_not_restarte
     assert torch.load(final, weights_only=True)["step_count"] == 12
 
 
-def listing_row(queue, name):
-    listing = subprocess.run(
-        [sys.executable, "-m", "tinystories_lab.cli", "list", "--queues", f"[{queue}]"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+def listing_row(queues, name, capsys):
+    code, listing, _ = run_cli(["list", "--queues", queues], capsys)
+    assert code == 0
     return next(line for line in listing.splitlines() if line.startswith(f"{name} "))
 
 
