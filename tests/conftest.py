@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tinystories_lab.cli import main
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import read_curves
 
@@ -128,6 +129,18 @@ def runner(verb, queue, *args, wait=True, unprivileged=False):
             preexec_fn=_interruptible,
         )
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_cli(argv, capsys):
+    """The CLI in this process, for verbs that start no training (list, reset, refusals): no ~10 s start-up.
+    Returns (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def status(queue, name):

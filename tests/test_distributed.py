@@ -16,6 +16,7 @@ from conftest import (
     entry,
     litgpt_pretrain,
     losses_by_iter,
+    run_cli,
     runner,
     status,
     wait_for,
@@ -160,13 +161,13 @@ def test_one_and_two_ranks_agree_fsdp_trains_as_ddp_and_a_killed_fsdp_run_resume
         assert queue.read_bytes() == before and not (runs / name / "logs").exists()
 
 
-def test_devices_that_cannot_make_the_global_batch_are_refused_before_start(tmp_path, sample_data):
+def test_devices_that_cannot_make_the_global_batch_are_refused_before_start(tmp_path, sample_data, capsys):
     queue = write_queue(tmp_path / "q.yaml", [{**entry("a", tmp_path, sample_data), "devices": 3}])
     before = queue.read_bytes()
-    result = runner("run-next", queue)
-    assert result.returncode == 1
-    assert "global_batch_size 32 is not a multiple of processes x micro_batch_size (3 x 32)" in result.stderr
-    assert "devices x num_nodes must be one of 1" in result.stderr
+    code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
+    assert code == 1
+    assert "global_batch_size 32 is not a multiple of processes x micro_batch_size (3 x 32)" in err
+    assert "devices x num_nodes must be one of 1" in err
     assert queue.read_bytes() == before and not (tmp_path / "runs" / "a").exists()
 
 

@@ -25,13 +25,13 @@ from conftest import (
     TOKENS_PER_STEP,
     UNPRIVILEGED,
     entry,
+    run_cli,
     runner,
     status,
     wait_for,
     write_queue,
 )
 
-from tinystories_lab.cli import main
 from tinystories_lab.errors import UserError
 from tinystories_lab.experiments import checks, outcomes
 from tinystories_lab.experiments import runner as runner_module
@@ -40,17 +40,6 @@ from tinystories_lab.experiments.launch import failure_reason
 from tinystories_lab.experiments.locks import LOCK_DIR_ENV, RunLock, run_is_alive
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import step_checkpoints, write_run_file
-
-
-def run_cli(argv, capsys):
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def md5(path):
@@ -527,7 +516,7 @@ def test_a_refusal_after_the_claim_restores_the_entry_and_leaves_no_folder(
     assert not (tmp_path / "runs" / "a").exists()
 
 
-def test_slurm_options_are_checked_as_sbatch_would(tmp_path, sample_data):
+def test_slurm_options_are_checked_as_sbatch_would(tmp_path, sample_data, capsys):
     e = {**entry("a", tmp_path, sample_data), "environment": "slurm"}
     args = {"gpus_per_node": 0, "sbatch_args": ["--exclusive", "--mem=0"]}  # the local cluster has no GPU
     queue = write_queue(tmp_path / "q.yaml", [{**e, "slurm": args}])
@@ -539,9 +528,9 @@ def test_slurm_options_are_checked_as_sbatch_would(tmp_path, sample_data):
         pytest.skip("no sbatch here")
     write_queue(queue, [{**e, "slurm": {"gpus_per_node": 0, "time": "bogus"}}])
     before = queue.read_bytes()
-    result = runner("run-next", queue)
-    assert result.returncode == 1 and "sbatch refuses its slurm: options" in result.stderr, result.stderr
-    assert "time" in result.stderr and queue.read_bytes() == before and not (tmp_path / "runs" / "a").exists()
+    code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
+    assert code == 1 and "sbatch refuses its slurm: options" in err, err
+    assert "time" in err and queue.read_bytes() == before and not (tmp_path / "runs" / "a").exists()
 
 
 def test_the_failure_reason_is_the_failing_tasks_first_real_error():

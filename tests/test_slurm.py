@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import entry, losses_by_iter, runner, status, wait_for, write_queue
+from conftest import entry, losses_by_iter, run_cli, runner, status, wait_for, write_queue
 
 from tinystories_lab.experiments.runs import read_curves
 from tinystories_lab.experiments.slurm import batch_script, job_state
@@ -80,7 +80,7 @@ def test_without_sbatch_a_slurm_entry_is_refused_and_the_queue_kept(tmp_path, sa
 
 
 def test_a_newline_or_control_character_in_a_slurm_value_is_refused_before_anything_is_written(
-    tmp_path, sample_data
+    tmp_path, sample_data, capsys
 ):
     for slurm, field in (
         ({"time": "1:00:00\nrm -rf /"}, "slurm.time"),
@@ -89,9 +89,9 @@ def test_a_newline_or_control_character_in_a_slurm_value_is_refused_before_anyth
     ):
         queue = write_queue(tmp_path / "q.yaml", [slurm_entry("a", tmp_path, sample_data, **slurm)])
         before = queue.read_bytes()
-        result = runner("run-next", queue)
-        assert result.returncode == 1 and f"a: {field} holds a newline or control character" in result.stderr
-        assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
+        code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
+        assert code == 1 and f"a: {field} holds a newline or control character" in err
+        assert err.count("error:") == 1, err
         assert queue.read_bytes() == before and not (tmp_path / "runs" / "a").exists()
 
 
@@ -120,12 +120,12 @@ def test_a_run_that_asked_for_gpus_but_sees_none_fails_at_once_in_one_line():
     )
 
 
-def test_several_nodes_without_slurm_are_refused_not_left_to_hang(tmp_path, sample_data):
+def test_several_nodes_without_slurm_are_refused_not_left_to_hang(tmp_path, sample_data, capsys):
     e = {**entry("a", tmp_path, sample_data, extra=["--train.micro_batch_size=16"]), "num_nodes": 2}
     queue = write_queue(tmp_path / "q.yaml", [e])
     before = queue.read_bytes()
-    result = runner("run-next", queue)
-    assert result.returncode == 1 and "a: num_nodes: 2 needs `environment: slurm`" in result.stderr
+    code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
+    assert code == 1 and "a: num_nodes: 2 needs `environment: slurm`" in err
     assert queue.read_bytes() == before and not (tmp_path / "runs" / "a").exists()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK"))}
     plain = subprocess.run(
@@ -136,7 +136,9 @@ def test_several_nodes_without_slurm_are_refused_not_left_to_hang(tmp_path, samp
     assert plain.returncode == 1 and "--num_nodes=2 needs a cluster launcher" in plain.stderr
 
 
-def test_a_controller_that_does_not_answer_is_not_taken_for_a_job_that_ended(tmp_path, sample_data):
+def test_a_controller_that_does_not_answer_is_not_taken_for_a_job_that_ended(
+    tmp_path, sample_data, capsys, monkeypatch
+):
     """squeue failing ("Socket timed out", a busy or restarting slurmctld) must not make a running job's
     entry look abandoned: run-specific would submit it again (reset and cancel ask the same question)."""
     bin_dir = tmp_path / "bin"
@@ -149,20 +151,19 @@ def test_a_controller_that_does_not_answer_is_not_taken_for_a_job_that_ended(tmp
     e = {**slurm_entry("a", tmp_path, sample_data), "status": "running", "slurm_job": "999"}
     queue = write_queue(tmp_path / "q.yaml", [e])
     before = queue.read_bytes()
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    queues = f"[{queue}]"
-    result = subprocess.run(
-        cli("run-specific", "a", "--queues", queues), capture_output=True, text=True, env=env
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, _, err = run_cli(["run-specific", "a", "--queues", f"[{queue}]"], capsys)
+    assert (
+        code == 1
+        and "SLURM does not answer about job 999 (squeue: slurm_load_jobs error: Socket timed" in err
     )
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "SLURM does not answer about job 999 (squeue: slurm_load_jobs error: Socket timed" in result.stderr
     assert queue.read_bytes() == before
-    listed = subprocess.run(cli("list", "--queues", queues), capture_output=True, text=True, env=env)
-    assert listed.returncode == 0 and "job 999 state unknown (squeue does not answer)" in listed.stdout
+    code, listed, _ = run_cli(["list", "--queues", f"[{queue}]"], capsys)
+    assert code == 0 and "job 999 state unknown (squeue does not answer)" in listed
 
 
 @needs_cluster
-def test_an_unknown_partition_or_gpus_that_do_not_match_devices_are_refused(tmp_path, sample_data):
+def test_an_unknown_partition_or_gpus_that_do_not_match_devices_are_refused(tmp_path, sample_data, capsys):
     for slurm, message in (
         ({"partition": "nope"}, "SLURM has no partition 'nope'"),
         ({"gpus_per_node": 4}, "slurm.gpus_per_node is 4 but devices is 2"),
@@ -170,8 +171,8 @@ def test_an_unknown_partition_or_gpus_that_do_not_match_devices_are_refused(tmp_
     ):
         queue = write_queue(tmp_path / "q.yaml", [slurm_entry("a", tmp_path, sample_data, **slurm)])
         before = queue.read_bytes()
-        result = runner("run-next", queue)
-        assert result.returncode == 1 and message in result.stderr, result.stderr
+        code, _, err = run_cli(["run-next", "--queues", f"[{queue}]"], capsys)
+        assert code == 1 and message in err, err
         assert queue.read_bytes() == before
 
 
