@@ -49,6 +49,8 @@ LR ?=
 BENCH_OUT ?= benchmarks/results
 NODES ?= 1
 QUANT ?= f32
+# Test processes (pytest-xdist): training is mostly one busy core, waits and Python start-ups.
+TEST_WORKERS ?= 2
 PORT ?= 8000
 JUDGE_URL ?=
 JUDGE_MODEL ?=
@@ -91,8 +93,8 @@ GGUF_BUILD_ENV = CMAKE_ARGS="-DLLAVA_BUILD=OFF $(NO_AMX) $(CMAKE_ARGS)" CMAKE_BU
 install-gguf: ## Add the GGUF extra to .venv: llama-cpp-python (built from source, minutes), gguf, its server
 	$(GGUF_BUILD_ENV) $(BIN)/pip install --quiet --no-cache-dir -e '.[dev,gguf]'  # not a wheel built with other flags
 
-test: ## Run the test suite (includes real `litgpt pretrain` runs on the sample; minutes)
-	$(BIN)/pytest
+test: ## Run the test suite in TEST_WORKERS=2 processes (real `litgpt pretrain` runs on the sample; minutes)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: ## Check style with ruff
 	$(BIN)/ruff check src tests scripts

@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,8 +8,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
-from tinystories_lab.cli import main
+# Under pytest-xdist each worker's processes get their share of the cores (as Lightning does for its DDP
+# ranks): with two workers each training on every core, torch's threads wait on each other and the same
+# tests used 1.7x the CPU time (3,542 s against ~2,100 s; `make test` took longer with two workers).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
+
+from tinystories_lab.cli import main  # noqa: E402  (torch reads OMP_NUM_THREADS when it loads)
 from tinystories_lab.experiments.queue import Queue
 from tinystories_lab.experiments.runs import read_curves
 
@@ -17,10 +27,39 @@ CONFIG_HUB = ROOT / "config_hub" / "pretrain" / "tiny_stories"
 DEMO_CONFIGS = {name: CONFIG_HUB / "demo" / f"{name}.yaml" for name in ("gpt_demo", "llama_demo")}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """`make test` runs two pytest-xdist workers (--dist loadgroup); tests in one group share a worker, one
+    after the other: the SLURM tests share the local cluster's CPUs, and the tests on `trained_demos`
+    write into its run folders (eval.json, interp/) while others check that nothing there changed."""
+    for item in items:
+        if item.path.name == "test_slurm.py":
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif "trained_demos" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("trained_demos"))
+
+
 @pytest.fixture(autouse=True)
 def _run_from_repo_root(monkeypatch):
     """Configs use paths relative to the repository root, as the Makefile does."""
     monkeypatch.chdir(ROOT)
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A session fixture's folder, made once per test run. Under pytest-xdist (`make test` runs two
+    workers) the workers share it: the first makes it under a file lock, the others wait and reuse it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name  # this run's folder, above each worker's own
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():  # absent too when a worker's attempt failed: make it again
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +67,9 @@ def sample_data(tmp_path_factory) -> Path:
     """A data folder holding the bundled sample's 8,192-token tokenizer and token files."""
     from tinystories_lab.data.prepare import prepare
 
-    data_dir = tmp_path_factory.mktemp("data")
-    prepare(source="sample", data_dir=data_dir, vocab_size=8192)
-    return data_dir
+    return made_once(
+        tmp_path_factory, "data", lambda folder: prepare(source="sample", data_dir=folder, vocab_size=8192)
+    )
 
 
 def litgpt_pretrain(
@@ -57,7 +96,8 @@ def litgpt_pretrain(
 
 @pytest.fixture(scope="session")
 def trained_demos(sample_data, tmp_path_factory) -> dict[str, Path]:
-    """Both demo models trained briefly (24 steps) on the sample: name -> checkpoint folder (`final/`)."""
+    """Both demo models trained briefly (24 steps) on the sample: name -> checkpoint folder (`final/`).
+    Its tests share one pytest-xdist worker (pytest_collection_modifyitems), so it is trained once."""
     out = tmp_path_factory.mktemp("trained")
     folders = {}
     for name, config in DEMO_CONFIGS.items():
