@@ -49,7 +49,7 @@ LR ?=
 BENCH_OUT ?= benchmarks/results
 NODES ?= 1
 QUANT ?= f32
-# Test processes (pytest-xdist): training is mostly one busy core, waits and Python start-ups.
+# pytest-xdist workers for `make test`, each given its share of the cores (tests/conftest.py).
 TEST_WORKERS ?= 2
 PORT ?= 8000
 JUDGE_URL ?=
