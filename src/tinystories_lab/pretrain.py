@@ -40,6 +40,7 @@ from __future__ import annotations
 import tinystories_lab.experiments.lifeline  # noqa: F401  # isort: skip
 
 import argparse
+import gc
 import os
 import sys
 from dataclasses import replace
@@ -63,6 +64,8 @@ from tinystories_lab.experiments.launch import Strategy, choose_strategy
 from tinystories_lab.experiments.locks import RunLock
 from tinystories_lab.experiments.runs import check_resumable, resume_point
 from tinystories_lab.probe import OUT_OF_MEMORY_EXIT, write_device_file
+
+gc.freeze()  # the imports' objects live until the process ends: no collection walks them (as in cli.py)
 
 VALIDATION_CHUNK = 4096  # tokens whose logits validation turns into fp32 at a time
 LITGPT_FIT = litgpt.pretrain.fit
